@@ -1,0 +1,99 @@
+"""One full (TP=1) fp32 state dict from a DeepSpeed training checkpoint of our models.
+
+ZeRO 0-2 keep whole module weights per TP rank in `mp_rank_XX_model_states.pt`; we merge the TP
+slices by the layout the layers declare (`model.layers.tp_layout`). ZeRO-3 keeps them only in the
+flat optimizer partitions, which DeepSpeed's own `zero_to_fp32` gathers.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from cherry_megatron.checkpoint.run_dir import latest_tag
+from cherry_megatron.errors import CheckpointError
+from cherry_megatron.model.layers import tp_layout
+
+
+def resolve_tag_dir(path: str | Path) -> Path:
+    """A run dir, a checkpoints dir, or a tag dir -> the tag dir."""
+    path = Path(path)
+    for ckpt_dir in (path / "checkpoints", path):
+        tag = latest_tag(ckpt_dir)
+        if tag:
+            return ckpt_dir / tag
+    if _model_state_files(path):
+        return path
+    raise CheckpointError(f"no checkpoint at {path} (expected a run dir, its checkpoints/ with 'latest', or a tag dir)")
+
+
+def merge_tp(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    if len(shards) == 1:
+        return dict(shards[0])
+    out = {}
+    for name, first in shards[0].items():
+        layout = tp_layout(name)
+        if layout is None:
+            out[name] = first
+            continue
+        dim, stride = layout
+        # A strided weight holds `stride` interleaved blocks per rank (e.g. [k_r; v_r]); regroup by block.
+        blocks = [torch.chunk(s[name], stride, dim=dim) for s in shards]
+        out[name] = torch.cat([b[i] for i in range(stride) for b in blocks], dim=dim)
+    return out
+
+
+def split_tp(full: dict[str, torch.Tensor], tp: int, rank: int) -> dict[str, torch.Tensor]:
+    """The inverse of `merge_tp` for one rank."""
+    out = {}
+    for name, t in full.items():
+        layout = tp_layout(name)
+        if layout is None or tp == 1:
+            out[name] = t
+            continue
+        dim, stride = layout
+        blocks = torch.chunk(t, stride, dim=dim)
+        out[name] = torch.cat([torch.chunk(b, tp, dim=dim)[rank] for b in blocks], dim=dim).clone()
+    return out
+
+
+def _model_state_files(tag_dir: Path) -> list[Path]:
+    """One model-states file per TP rank: `mp_rank_XX_...` (ZeRO 0-2) or data-parallel rank 0's
+    `zero_pp_rank_0_mp_rank_XX_...` (ZeRO-3, whose per-DP-rank copies are identical but for shards)."""
+    files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+    return files or sorted(tag_dir.glob("zero_pp_rank_0_mp_rank_*_model_states.pt"))
+
+
+def load_model_states(tag_dir: Path) -> list[dict]:
+    files = _model_state_files(tag_dir)
+    if not files:
+        raise CheckpointError(f"{tag_dir} holds no mp_rank_*_model_states.pt files")
+    states = []
+    for f in files:
+        try:
+            # weights_only: a checkpoint is data; never run code found in it.
+            states.append(torch.load(f, map_location="cpu", weights_only=True))
+        except Exception as e:
+            raise CheckpointError(f"cannot read {f} (truncated or not a checkpoint): {str(e).splitlines()[0]}") from None
+    return states
+
+
+def load_consolidated(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(full fp32 state dict, the run's config dict) for a run dir or checkpoint path."""
+    tag_dir = resolve_tag_dir(path)
+    states = load_model_states(tag_dir)
+    cfg = states[0].get("cherry_config")
+    if cfg is None:
+        raise CheckpointError(f"{tag_dir} is not a cherry_megatron checkpoint (no 'cherry_config' in it)")
+    if cfg["parallel"]["zero_stage"] == 3:
+        if len(states) > 1:
+            raise CheckpointError("ZeRO-3 checkpoints with TP>1 cannot be consolidated yet "
+                                  "(tools/convert_checkpoint.py, issue 8, will)")
+        # DeepSpeed's tool unpickles its own optimizer files; only use it on checkpoints you wrote.
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    else:
+        sd = merge_tp([s["module"] for s in states])
+    # megatron's linear layers save an empty `_extra_state` (None) for Transformer Engine; it carries no weights.
+    return {k: v.float() for k, v in sd.items() if torch.is_tensor(v)}, cfg

@@ -1,0 +1,260 @@
+"""The typed config tree: dataclasses loaded from YAML presets with `--set key=value` overrides.
+
+A YAML file may start from a preset (`base: tiny`, or a path); keys are merged recursively on top,
+then each `--set a.b=value` (value parsed as YAML) is applied. Every key is checked against the
+dataclasses, so a typo is an error, not a silently ignored setting.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from cherry_megatron.errors import ConfigError
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 0  # 0: the tokenizer's vocabulary, padded as Megatron pads it
+    make_vocab_size_divisible_by: int = 128  # times parallel.tp, as in Megatron-LM
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 0  # 0: same as num_heads (no grouped-query attention)
+    ffn_hidden_size: int = 0  # 0: SwiGLU default, 8/3 * hidden rounded up to a multiple of 64
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size or 64 * -(-(8 * self.hidden_size // 3) // 64)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    zero_stage: int = 1
+    ds_config: str = ""  # a DeepSpeed JSON; "" picks ds_configs/zero{zero_stage}.json
+    backend: str = "auto"  # auto: nccl with CUDA, gloo otherwise
+
+
+@dataclass
+class DataConfig:
+    # Megatron-style blend: [prefix] or [weight, prefix, weight, prefix, ...]
+    paths: list = field(default_factory=list)
+    eval_path: str = ""  # held-out prefix, evaluated by `evaluate.window_loss`
+    tokenizer_model: str = ""
+    eod_mask_loss: bool = False
+    cache_dir: str = ""  # "": <run-dir>/data_cache
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    seq_length: int = 256
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 1234
+    log_interval: int = 10
+    eval_interval: int = 50
+    eval_tokens: int = 32768
+    save_interval: int = 100
+    exit_at_step: int = 0  # stop (with a checkpoint) after this step without changing the schedule
+    precision: str = "auto"  # auto: bf16 on GPUs that have it, fp32 elsewhere; or fp32/bf16/fp16
+    peak_tflops: float = 0.0  # per process, for MFU; 0: looked up for the device
+    threads: int = 0  # torch threads per process; 0: cores / local processes
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Keys a resumed run may change without it being a different run.
+RESUMABLE_KEYS = {"train.steps", "train.exit_at_step", "train.log_interval", "train.eval_interval",
+                  "train.save_interval", "train.eval_tokens", "train.threads", "train.peak_tflops",
+                  "data.cache_dir", "parallel.backend"}
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif typ is list or typing.get_origin(typ) is list:
+        if isinstance(value, list):
+            return [str(v) if isinstance(v, (int, float)) else v for v in value]
+        if isinstance(value, str):
+            return [value]
+    else:
+        raise ConfigError(f"config key '{key}' has an unsupported type {typ}")
+    raise ConfigError(f"config key '{key}' expects {getattr(typ, '__name__', typ)}, got {value!r}")
+
+
+def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in updates.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"unknown config key '{path}' (known under '{prefix or '.'}': {known})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{path}' is a section; give it a mapping")
+            _apply(current, value, f"{path}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], path))
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"malformed YAML in {path}: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys")
+    return data
+
+
+def _resolve(name_or_path: str, seen: tuple = ()) -> list[dict]:
+    """The chain of YAML layers, base first."""
+    path = Path(name_or_path)
+    if not path.suffix and not path.exists():
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        presets = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+        raise ConfigError(f"no config file or preset '{name_or_path}' (presets: {presets})")
+    if path.resolve() in seen:
+        raise ConfigError(f"config {path} includes itself through 'base'")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    layers = _resolve(str(base), seen + (path.resolve(),)) if base else []
+    return layers + [data]
+
+
+def parse_override(item: str) -> dict:
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got '{item}'")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {key}: cannot parse value '{raw}' as YAML") from None
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(config: str, overrides: Optional[list[str]] = None) -> Config:
+    cfg = Config()
+    for layer in _resolve(config):
+        _apply(cfg, layer)
+    for item in overrides or []:
+        _apply(cfg, parse_override(item))
+    validate(cfg)
+    return cfg
+
+
+def from_dict(data: dict) -> Config:
+    cfg = Config()
+    _apply(cfg, data)
+    return cfg
+
+
+def validate(cfg: Config, world_size: Optional[int] = None) -> None:
+    """Checks that need no data or process group; `world_size` adds the layout checks."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    if m.hidden_size % m.num_heads:
+        raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
+    if m.num_heads % m.kv_heads:
+        raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.kv_heads}")
+    if p.tp < 1 or m.num_heads % p.tp or m.kv_heads % p.tp:
+        raise ConfigError(f"parallel.tp={p.tp} does not divide the attention heads "
+                          f"(num_heads={m.num_heads}, num_kv_heads={m.kv_heads})")
+    if m.ffn_size % p.tp:
+        raise ConfigError(f"parallel.tp={p.tp} does not divide model.ffn_hidden_size={m.ffn_size}")
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
+    if p.pp != 1:
+        raise ConfigError("parallel.pp > 1 is not supported yet (pipeline parallelism is a later issue)")
+    if t.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, got '{t.precision}'")
+    for key in ("steps", "micro_batch_size", "global_batch_size", "seq_length", "log_interval",
+                "eval_interval", "save_interval"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key} must be positive, got {getattr(t, key)}")
+    if world_size is not None:
+        if world_size % (p.tp * p.pp):
+            raise ConfigError(f"parallel.tp={p.tp} x parallel.pp={p.pp} does not divide the world size {world_size}")
+        dp = world_size // (p.tp * p.pp)
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                              f"micro_batch_size={t.micro_batch_size} x data-parallel size {dp}")
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,153 @@
+"""Process-group set-up from whatever launched us: torchrun, the deepspeed launcher, srun, or nothing.
+
+torchrun and the deepspeed launcher export RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; srun
+exports SLURM_* instead, which we translate; a plain `python -m` run is a world of one.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from cherry_megatron.config import ParallelConfig
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env_from_launcher() -> None:
+    """Make the torch.distributed env:// variables exist, whichever launcher started us."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+        # The sbatch script normally exports these; derive them for a bare `srun` too.
+        os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 10000))
+        if "MASTER_ADDR" not in os.environ:
+            os.environ["MASTER_ADDR"] = first_host(os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+        return
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a SLURM node list: 'gpu[07-09,12],cpu1' -> 'gpu07' (what `scontrol show hostnames`
+    prints first; re-implemented because compute nodes do not always have scontrol on PATH)."""
+    import re
+
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        return nodelist
+    prefix, ranges = m.group(1), m.group(2)
+    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
+
+
+def world_size_from_env() -> int:
+    env_from_launcher()
+    return int(os.environ["WORLD_SIZE"])
+
+
+def set_threads(threads: int) -> None:
+    """Processes x threads <= cores, or the processes fight for the same cores (DESIGN.md)."""
+    if threads <= 0:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")))
+        threads = max(1, (os.cpu_count() or 1) // max(1, local))
+    torch.set_num_threads(threads)
+
+
+@dataclass
+class Layout:
+    rank: int
+    world: int
+    tp_rank: int
+    tp: int
+    dp_rank: int
+    dp: int
+    device: torch.device
+
+
+def init(parallel: ParallelConfig, timeout_s: int = 600) -> Layout:
+    """Join the process group and build megatron's TP/DP groups; returns where this rank sits."""
+    import deepspeed
+    from megatron.core import parallel_state
+
+    env_from_launcher()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    backend = parallel.backend if parallel.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(seconds=timeout_s))
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=parallel.tp,
+                                                 pipeline_model_parallel_size=parallel.pp)
+    return Layout(rank=dist.get_rank(), world=dist.get_world_size(),
+                  tp_rank=parallel_state.get_tensor_model_parallel_rank(), tp=parallel.tp,
+                  dp_rank=parallel_state.get_data_parallel_rank(),
+                  dp=parallel_state.get_data_parallel_world_size(), device=device)
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class MegatronMPU:
+    """megatron-core's parallel_state seen through the `mpu` interface DeepSpeed expects.
+
+    DeepSpeed uses it for the data-parallel gradient reduction group and to count tensor-parallel
+    parameters once in the gradient norm; without it ZeRO would all-reduce over TP ranks too.
+    """
+
+    def __init__(self):
+        from megatron.core import parallel_state as ps
+        self.ps = ps
+
+    def get_model_parallel_rank(self):
+        return self.ps.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self):
+        return self.ps.get_tensor_model_parallel_world_size()
+
+    def get_model_parallel_group(self):
+        return self.ps.get_tensor_model_parallel_group()
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_data_parallel_rank(self):
+        return self.ps.get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self):
+        return self.ps.get_data_parallel_world_size()
+
+    def get_data_parallel_group(self):
+        return self.ps.get_data_parallel_group()
+
+    def get_pipeline_model_parallel_rank(self):
+        return self.ps.get_pipeline_model_parallel_rank()
+
+    def get_pipeline_model_parallel_world_size(self):
+        return self.ps.get_pipeline_model_parallel_world_size()
+
+    def get_pipeline_model_parallel_group(self):
+        return self.ps.get_pipeline_model_parallel_group()

@@ -1,0 +1,103 @@
+"""The DeepSpeed engine for a model: a JSON from ds_configs/ with its "auto" values filled from our config.
+
+The JSON owns what DeepSpeed owns (ZeRO stage and buckets, optimizer type, precision, offload); our
+config owns the numbers a run is described by (batch sizes, lr, clipping), so "auto" in the JSON means
+"take it from the training config", as in the Hugging Face integration.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from cherry_megatron.config import Config
+from cherry_megatron.errors import ConfigError
+
+DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        if precision != "fp32" and device.type == "cpu":
+            # No bf16/fp16 units on our CPUs: a bf16 matmul runs ~500x slower than fp32 (DESIGN.md).
+            raise ConfigError(f"train.precision={precision} needs a GPU; use fp32 or auto on CPU")
+        return precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def _fill(node, values: dict, path: str = ""):
+    if isinstance(node, dict):
+        return {k: _fill(v, values, f"{path}{k}.") for k, v in node.items()}
+    if node == "auto":
+        key = path.rstrip(".")
+        if key not in values:
+            raise ConfigError(f"DeepSpeed config: no value for \"auto\" at '{key}'")
+        return values[key]
+    return node
+
+
+def deepspeed_config(cfg: Config, dp: int, device: torch.device) -> dict:
+    path = Path(cfg.parallel.ds_config) if cfg.parallel.ds_config else DS_CONFIG_DIR / f"zero{cfg.parallel.zero_stage}.json"
+    if not path.is_file():
+        raise ConfigError(f"DeepSpeed config not found: {path}")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"malformed DeepSpeed config {path}: {e}") from None
+    stage = raw.get("zero_optimization", {}).get("stage", "auto")
+    if stage not in ("auto", cfg.parallel.zero_stage):
+        raise ConfigError(f"{path} sets ZeRO stage {stage} but parallel.zero_stage={cfg.parallel.zero_stage}")
+    t = cfg.train
+    precision = resolve_precision(t.precision, device)
+    values = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * dp),
+        "train_batch_size": t.global_batch_size,
+        "gradient_clipping": t.grad_clip,
+        "optimizer.params.lr": t.lr,
+        "optimizer.params.betas": [t.beta1, t.beta2],
+        "optimizer.params.weight_decay": t.weight_decay,
+        # DeepSpeed's FusedAdam needs CUDA; torch's AdamW is the CPU path.
+        "optimizer.params.torch_adam": device.type != "cuda",
+        "bf16.enabled": precision == "bf16",
+        "fp16.enabled": precision == "fp16",
+        "zero_optimization.stage": cfg.parallel.zero_stage,
+    }
+    return _fill(raw, values)
+
+
+def lr_lambda(t):
+    """Linear warm-up from lr/warmup to lr, then cosine down to min_lr_ratio * lr (Megatron's schedule)."""
+    def fn(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return fn
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on norms (1-D weights), as is standard for Llama-style models."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(model: torch.nn.Module, cfg: Config, dp: int, device: torch.device):
+    import deepspeed
+
+    from cherry_megatron.distributed import MegatronMPU
+
+    ds_cfg = deepspeed_config(cfg, dp, device)
+    scheduler = None
+    if "scheduler" not in ds_cfg:
+        scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train))  # noqa: E731
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
+                                           config=ds_cfg, mpu=MegatronMPU(), lr_scheduler=scheduler)
+    return engine, ds_cfg

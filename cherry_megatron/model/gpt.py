@@ -1,0 +1,108 @@
+"""The dense decoder-only transformer (Llama-style: RMSNorm, RoPE, SwiGLU, GQA, SDPA)."""
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.model_parallel_config import ModelParallelConfig
+from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
+from torch import nn
+
+from cherry_megatron.config import ModelConfig
+from cherry_megatron.model.layers import Block, RotaryEmbedding, normal_init
+
+
+def parallel_config(tp: int, params_dtype: torch.dtype = torch.float32) -> ModelParallelConfig:
+    # CPU initialisation on every device keeps the weights independent of the TP degree (see layers.py).
+    return ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True,
+                               params_dtype=params_dtype, perform_initialization=True)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig, params_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.cfg = cfg
+        mp = parallel_config(parallel_state.get_tensor_model_parallel_world_size(), params_dtype)
+        self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, init_method=normal_init(cfg.init_std),
+                                            config=mp)
+        self.layers = nn.ModuleList(Block(cfg, mp) for _ in range(cfg.num_layers))
+        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=params_dtype)
+        self.head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, config=mp,
+                                         init_method=normal_init(cfg.init_std), bias=False, gather_output=False,
+                                         skip_weight_param_allocation=cfg.tie_embeddings)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+
+    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        cos, sin = self.rope(tokens.shape[1], x.device, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.norm(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Vocab-parallel logits: each TP rank holds its slice of the vocabulary."""
+        out, _ = self.head(h, weight=self.embed.weight if self.cfg.tie_embeddings else None)
+        return out
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-token cross-entropy [b, s] when labels are given, vocab-parallel logits otherwise."""
+        logits = self.logits(self.hidden_states(tokens))
+        if labels is None:
+            return logits
+        # fp32 softmax whatever the compute dtype: bf16 cross-entropy loses the small differences.
+        return vocab_parallel_cross_entropy(logits.float(), labels)
+
+
+def pad_vocab(vocab: int, divisible_by: int, tp: int) -> int:
+    multiple = divisible_by * tp
+    return -(-vocab // multiple) * multiple
+
+
+def count_parameters(cfg: ModelConfig) -> dict:
+    """Analytic parameter count of the full (TP=1) model, by part."""
+    h, hd = cfg.hidden_size, cfg.head_dim
+    attn = h * cfg.num_heads * hd * 2 + h * cfg.kv_heads * hd * 2
+    mlp = 3 * h * cfg.ffn_size
+    per_layer = attn + mlp + 2 * h
+    embed = cfg.vocab_size * h
+    head = 0 if cfg.tie_embeddings else cfg.vocab_size * h
+    total = cfg.num_layers * per_layer + embed + head + h
+    return {"per_layer": per_layer, "layers": cfg.num_layers * per_layer, "embedding": embed,
+            "head": head, "total": total}
+
+
+def flops_per_token(cfg: ModelConfig, seq_length: int) -> float:
+    """Training FLOPs per token, PaLM's 6N + 12·L·H·S (N: matmul weights, input embedding excluded)."""
+    n = count_parameters(cfg)
+    matmul = n["layers"] + cfg.vocab_size * cfg.hidden_size
+    return 6.0 * matmul + 12.0 * cfg.num_layers * cfg.hidden_size * seq_length
+
+
+def main(argv=None) -> None:
+    """`python -m cherry_megatron.model.gpt PRESET_OR_YAML [--set k=v ...]`: the parameter count, analytic
+    and counted on a meta-device model (shapes only, so the 1B preset costs no memory)."""
+    import argparse
+    import json
+
+    from cherry_megatron import distributed
+    from cherry_megatron.config import ParallelConfig, load_config
+    from cherry_megatron.errors import cli_errors
+
+    p = argparse.ArgumentParser(description="parameter count of a preset")
+    p.add_argument("config")
+    p.add_argument("--set", dest="overrides", nargs="+", default=[])
+    args = p.parse_args(argv)
+    with cli_errors():
+        cfg = load_config(args.config, args.overrides).model
+        if cfg.vocab_size == 0:  # the trainer takes it from the tokenizer; count the preset's default
+            cfg.vocab_size = pad_vocab(8192, cfg.make_vocab_size_divisible_by, 1)
+        distributed.init(ParallelConfig())
+        try:
+            with torch.device("meta"):
+                counted = sum(t.numel() for t in GPT(cfg).parameters())
+        finally:
+            distributed.shutdown()
+        print(json.dumps({**count_parameters(cfg), "counted": counted, "vocab_size": cfg.vocab_size}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""Train a model under DeepSpeed with megatron-core tensor parallelism.
+
+    python -m cherry_megatron.train --config PRESET_OR_YAML --run-dir DIR [--set key=value ...]
+
+Launch it with torchrun, deepspeed or srun (world size from the environment), or as one process.
+The run dir holds config.yaml, metrics.jsonl, tensorboard/ and checkpoints/; starting again with the
+same run dir resumes from checkpoints/latest with the same data order.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from cherry_megatron import distributed
+from cherry_megatron.checkpoint.run_dir import checkpoint_dir, check_run_dir, latest_tag, write_config
+from cherry_megatron.config import Config, load_config, validate
+from cherry_megatron.errors import CheckpointError, ConfigError, cli_errors
+
+
+def resolve_vocab(cfg: Config, tokenizer_vocab: int) -> None:
+    from cherry_megatron.model.gpt import pad_vocab
+
+    m = cfg.model
+    if m.vocab_size == 0:
+        m.vocab_size = pad_vocab(tokenizer_vocab, m.make_vocab_size_divisible_by, cfg.parallel.tp)
+    elif tokenizer_vocab > m.vocab_size:
+        raise ConfigError(f"tokenizer vocabulary ({tokenizer_vocab}) is larger than model.vocab_size ({m.vocab_size})")
+    if m.vocab_size % cfg.parallel.tp:
+        raise ConfigError(f"parallel.tp={cfg.parallel.tp} does not divide model.vocab_size={m.vocab_size}")
+
+
+def check_data(cfg: Config) -> None:
+    """Every data file opens and is whole, before anything is written to the run dir."""
+    from megatron.core.datasets.utils import get_blend_from_list
+
+    from cherry_megatron.data.indexed import open_indexed
+
+    if not cfg.data.paths:
+        raise ConfigError("data.paths is empty: give one or more .bin/.idx prefixes (optionally weighted)")
+    prefixes = get_blend_from_list([str(p) for p in cfg.data.paths])[0]
+    for prefix in prefixes + ([cfg.data.eval_path] if cfg.data.eval_path else []):
+        open_indexed(prefix)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path, layout: distributed.Layout, tokenizer):
+        from megatron.core import parallel_state
+
+        from cherry_megatron.data.gpt_data import TrainData
+        from cherry_megatron.data.indexed import token_stream
+        from cherry_megatron.engine import build_engine, resolve_precision
+        from cherry_megatron.metrics import MetricsLogger, peak_tflops
+        from cherry_megatron.model.gpt import GPT, count_parameters, flops_per_token
+
+        self.cfg, self.run_dir, self.layout = cfg, run_dir, layout
+        self.dp_group = parallel_state.get_data_parallel_group()
+        torch.manual_seed(cfg.train.seed)  # same seed on every rank: TP slices of one master weight
+        self.engine, self.ds_config = build_engine(GPT(cfg.model), cfg, layout.dp, layout.device)
+        cache = cfg.data.cache_dir or str(run_dir / "data_cache")
+        self.data = TrainData(cfg, tokenizer, layout.dp_rank, layout.dp, cache)
+        self.eval_stream = token_stream(cfg.data.eval_path) if cfg.data.eval_path else None
+        self.is_logger = layout.rank == 0
+        if self.is_logger:
+            write_config(run_dir, cfg)
+        self.metrics = MetricsLogger(run_dir, self.is_logger)
+        precision = resolve_precision(cfg.train.precision, layout.device)
+        self.peak = peak_tflops(layout.device, precision, cfg.train.peak_tflops) * 1e12 * layout.world
+        self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_length)
+        self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
+        if self.is_logger:
+            print(f"model {cfg.name}: {count_parameters(cfg.model)['total']:,} parameters | world {layout.world} = "
+                  f"tp {layout.tp} x dp {layout.dp} | zero {cfg.parallel.zero_stage} | {precision} on "
+                  f"{layout.device.type} | grad accum {self.data.grad_accum} | run dir {run_dir}", flush=True)
+
+    def step(self, step: int) -> tuple[float, float, float]:
+        """One optimizer step over all micro-batches: (mean loss over DP, grad norm, lr used)."""
+        lr = self.engine.get_lr()[0]
+        total = torch.zeros((), dtype=torch.float64, device=self.layout.device)
+        for micro in range(self.data.grad_accum):
+            b = {k: v.to(self.layout.device) for k, v in self.data.micro_batch(step, micro).items()}
+            per_token = self.engine(b["tokens"], b["labels"])
+            mask = b["loss_mask"]
+            loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.detach().double()
+        total /= self.data.grad_accum * self.layout.dp
+        if self.layout.dp > 1:
+            dist.all_reduce(total, group=self.dp_group)
+        norm = self.engine.get_global_grad_norm()
+        return total.item(), float(norm) if norm is not None else float("nan"), lr
+
+    def evaluate(self) -> float:
+        from cherry_megatron.evaluate import window_loss
+
+        self.engine.eval()
+        loss, _ = window_loss(lambda x, y: self.engine(x, y), self.eval_stream, self.cfg.train.seq_length,
+                              self.cfg.train.eval_tokens, self.cfg.train.micro_batch_size, self.layout.device,
+                              self.layout.dp_rank, self.layout.dp, self.dp_group)
+        self.engine.train()
+        return loss
+
+    def save(self, step: int) -> None:
+        client = {"step": step, "consumed_samples": step * self.cfg.train.global_batch_size,
+                  "cherry_config": self.cfg.to_dict()}
+        self.engine.save_checkpoint(str(checkpoint_dir(self.run_dir)), tag=f"global_step{step}", client_state=client)
+
+    def resume(self) -> int:
+        ckpt = checkpoint_dir(self.run_dir)
+        if latest_tag(ckpt) is None:
+            return 0
+        path, client = self.engine.load_checkpoint(str(ckpt))
+        if path is None or "step" not in (client or {}):
+            raise CheckpointError(f"cannot load the latest checkpoint in {ckpt}")
+        return int(client["step"])
+
+    def fit(self) -> dict:
+        t = self.cfg.train
+        start = self.resume()
+        summary = {"start_step": start}
+        if start == 0 and self.eval_stream is not None:
+            summary["eval_loss_start"] = self.evaluate()
+            self.metrics.log(0, eval_loss=summary["eval_loss_start"])
+        window_loss_sum, window_steps, window_time = 0.0, 0, 0.0
+        step = start
+        while step < t.steps:
+            t0 = time.perf_counter()
+            loss, grad_norm, lr = self.step(step)
+            window_time += time.perf_counter() - t0
+            window_loss_sum += loss
+            window_steps += 1
+            step += 1
+            last = step == t.steps or step == t.exit_at_step
+            if step % t.log_interval == 0 or last:
+                tps = window_steps * self.tokens_per_step / window_time
+                self.metrics.log(step, loss=window_loss_sum / window_steps, lr=lr, grad_norm=grad_norm,
+                                 tokens_per_s=tps, mfu=tps * self.flops_per_token / self.peak,
+                                 consumed_tokens=step * self.tokens_per_step, step_time_s=window_time / window_steps)
+                summary.update(loss=window_loss_sum / window_steps, tokens_per_s=tps)
+                window_loss_sum, window_steps, window_time = 0.0, 0, 0.0
+            if self.eval_stream is not None and (step % t.eval_interval == 0 or step == t.steps):
+                summary["eval_loss"] = self.evaluate()
+                self.metrics.log(step, eval_loss=summary["eval_loss"])
+            if step % t.save_interval == 0 or last:
+                self.save(step)
+            if step == t.exit_at_step:
+                break
+        summary["step"] = step
+        self.metrics.close()
+        return summary
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="preset name (tiny, small, dense-1b-48l) or YAML path")
+    p.add_argument("--run-dir", default="", help="default: runs/<name>")
+    p.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    with cli_errors():
+        from cherry_megatron.data.tokenizer import load_tokenizer
+
+        cfg = load_config(args.config, [o for group in args.overrides for o in group])
+        run_dir = Path(args.run_dir or f"runs/{cfg.name}")
+        validate(cfg, distributed.world_size_from_env())
+        tokenizer = load_tokenizer(cfg.data.tokenizer_model)
+        resolve_vocab(cfg, tokenizer.vocab_size)
+        check_data(cfg)
+        check_run_dir(run_dir, cfg)
+        distributed.set_threads(cfg.train.threads)
+        layout = distributed.init(cfg.parallel)
+        try:
+            summary = Trainer(cfg, run_dir, layout, tokenizer).fit()
+        finally:
+            distributed.shutdown()
+        if layout.rank == 0:
+            print("summary: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                         for k, v in summary.items()), flush=True)
+        return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Shared fixtures: the shipped corpus (built by `make data`) and a runner for real CLI processes.
+
+Multi-process tests launch the real trainer under torchrun with gloo: no mocked torch.distributed.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data"
+
+# A short run of a 2-layer tiny model: small enough that process start-up dominates.
+SHORT_RUN = ["model.num_layers=2", "train.steps=6", "train.micro_batch_size=2", "train.global_batch_size=4",
+             "train.seq_length=64", "train.warmup_steps=2", "train.log_interval=1", "train.eval_interval=3",
+             "train.save_interval=3", "train.eval_tokens=1024"]
+
+
+@pytest.fixture(scope="session")
+def corpus():
+    if not (DATA / ".built").exists():
+        pytest.fail("the shipped corpus is missing: run `make data` (make test does it)")
+    return SimpleNamespace(tokenizer=DATA / "tokenizer" / "cherry_ko8k.model",
+                           train=DATA / "tokens" / "train_text_document",
+                           heldout=DATA / "tokens" / "heldout_text_document",
+                           corpus=DATA / "corpus")
+
+
+def run_cli(args: list[str], nproc: int = 1, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m ...` (under torchrun when nproc > 1) from the repo root."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+        args = ["-m", *args] if args[0] != "-m" else args
+    else:
+        cmd = [sys.executable]
+    return subprocess.run(cmd + args, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def train(run_dir: Path, sets: list[str] = (), nproc: int = 1, config: str = "tiny", check: bool = True):
+    args = ["-m", "cherry_megatron.train", "--config", config, "--run-dir", str(run_dir),
+            "--set", *SHORT_RUN, *sets]
+    if nproc > 1:
+        args = args[1:]
+    proc = run_cli(args, nproc=nproc)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("error: ")]

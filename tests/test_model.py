@@ -1,0 +1,83 @@
+import pytest
+import torch
+
+from cherry_megatron import distributed
+from cherry_megatron.checkpoint.consolidate import merge_tp, split_tp
+from cherry_megatron.config import ParallelConfig, load_config
+from cherry_megatron.model.gpt import GPT, count_parameters, pad_vocab
+from cherry_megatron.model.layers import apply_rope, RotaryEmbedding
+
+
+@pytest.fixture(scope="module")
+def world_of_one():
+    distributed.init(ParallelConfig(tp=1))
+    yield
+    distributed.shutdown()
+
+
+@pytest.mark.parametrize("preset, vocab", [("tiny", 8192), ("small", 8192)])
+def test_parameter_count_matches_analytic(world_of_one, preset, vocab):
+    cfg = load_config(preset, [f"model.vocab_size={vocab}"]).model
+    model = GPT(cfg)
+    assert sum(p.numel() for p in model.parameters()) == count_parameters(cfg)["total"]
+    cfg.tie_embeddings = True
+    tied = GPT(cfg)
+    assert sum(p.numel() for p in tied.parameters()) == count_parameters(cfg)["total"]
+
+
+def test_1b_preset_count_without_allocating(world_of_one):
+    cfg = load_config("dense-1b-48l").model
+    n = count_parameters(cfg)
+    # 48 x (2*1280*1280 + 2*1280*640 + 3*1280*3520 + 2*1280) + 2*45056*1280 + 1280, by hand:
+    assert n["per_layer"] == 18_434_560
+    assert n["total"] == 1_000_203_520
+    with torch.device("meta"):  # shapes only: no 4 GB allocation
+        model = GPT(cfg)
+    assert all(p.is_meta for p in model.parameters())
+    assert sum(p.numel() for p in model.parameters()) == n["total"]
+
+
+def test_vocab_padding_as_megatron():
+    assert pad_vocab(8000, 128, 1) == 8064
+    assert pad_vocab(8000, 128, 2) == 8192
+    assert pad_vocab(8192, 128, 2) == 8192
+
+
+def test_forward_shapes_and_causality(world_of_one):
+    torch.manual_seed(0)
+    cfg = load_config("tiny", ["model.vocab_size=512", "model.num_layers=2"]).model
+    model = GPT(cfg).eval()
+    x = torch.randint(0, 512, (2, 16))
+    logits = model(x)
+    assert logits.shape == (2, 16, 512)
+    y = x.clone()
+    y[:, 10:] = (y[:, 10:] + 1) % 512  # changing later tokens must not change earlier logits
+    assert torch.allclose(model(y)[:, :10], logits[:, :10], atol=1e-5)
+    loss = model(x, x.roll(-1, 1))
+    assert loss.shape == (2, 16) and torch.isfinite(loss).all()
+
+
+def test_rope_is_a_rotation():
+    rope = RotaryEmbedding(8, 10000.0)
+    cos, sin = rope(5, torch.device("cpu"), torch.float32)
+    q = torch.randn(1, 1, 5, 8)
+    assert torch.allclose(apply_rope(q, cos, sin).norm(dim=-1), q.norm(dim=-1), atol=1e-5)
+    # relative: <R_m q, R_n k> depends on m - n only
+    k = torch.randn(1, 1, 5, 8)
+    q0, k0 = q[..., :1, :].expand_as(q), k[..., :1, :].expand_as(k)
+    dots = (apply_rope(q0, cos, sin)[..., 1:, :] * apply_rope(k0, cos, sin)[..., :-1, :]).sum(-1)
+    assert torch.allclose(dots, dots[..., :1].expand_as(dots), atol=1e-5)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tp_split_merge_round_trip(tp):
+    full = {"layers.0.attn.kv.weight": torch.arange(8 * 3.0).view(8, 3),
+            "layers.0.attn.o.weight": torch.arange(3 * 8.0).view(3, 8),
+            "layers.0.attn_norm.weight": torch.ones(3)}
+    shards = [split_tp(full, tp, r) for r in range(tp)]
+    # a strided (k|v) shard holds its k rows then its v rows
+    k_rows, v_rows = full["layers.0.attn.kv.weight"].chunk(2)
+    assert torch.equal(shards[1]["layers.0.attn.kv.weight"],
+                       torch.cat([k_rows.chunk(tp)[1], v_rows.chunk(tp)[1]]))
+    merged = merge_tp(shards)
+    assert all(torch.equal(merged[k], full[k]) for k in full)
