@@ -10,7 +10,9 @@ exactly). Nothing is shuffled or masked; `loss` is the mean over all predicted t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 
 import numpy as np
 import torch
@@ -55,7 +57,14 @@ def main(argv=None):
     p.add_argument("--max-tokens", type=int, default=0, help="tokens to predict; 0: the whole file")
     p.add_argument("--batch-size", type=int, default=8)
     args = p.parse_args(argv)
-    with cli_errors():
+    result = _evaluate(args)
+    if result is not None:
+        print(json.dumps(result), flush=True)
+
+
+def _evaluate(args) -> dict | None:
+    # stdout carries only the result line; DeepSpeed's import-time logger and op loader print to stdout.
+    with cli_errors(), contextlib.redirect_stdout(sys.stderr):
         from cherry_megatron import distributed
         from cherry_megatron.checkpoint.consolidate import load_consolidated
         from cherry_megatron.config import ParallelConfig, from_dict
@@ -81,9 +90,8 @@ def main(argv=None):
         loss, n = window_loss(model, stream, args.seq_length or cfg.train.seq_length, args.max_tokens,
                               args.batch_size, layout.device, layout.dp_rank, layout.dp,
                               parallel_state.get_data_parallel_group())
-        if layout.rank == 0:
-            print(json.dumps({"loss": loss, "ppl": float(np.exp(loss)), "tokens": n}))
         distributed.shutdown()
+        return {"loss": loss, "ppl": float(np.exp(loss)), "tokens": n} if layout.rank == 0 else None
 
 
 if __name__ == "__main__":
