@@ -62,6 +62,7 @@ class DataConfig:
     eval_path: str = ""  # held-out prefix, evaluated by `evaluate.window_loss`
     tokenizer_model: str = ""
     eod_mask_loss: bool = False
+    shuffle_tokens: bool = False  # permute the tokens inside every sample: the control for SGT's gradient coupling
     cache_dir: str = ""  # "": <run-dir>/data_cache
 
 
@@ -90,21 +91,36 @@ class TrainConfig:
 
 
 @dataclass
+class SGTConfig:
+    """Selective ground-truth token training: supervise `ratio` of the output positions (cherry_megatron/sgt.py)."""
+    ratio: float = 1.0  # 1.0: every position supervised (SGT off)
+    policy: str = "random"  # random | frequency | loss | excess | payload
+    scope: str = "sequence"  # sequence: round(ratio*n) per sequence; batch: per micro-batch
+    anchor_weight: float = 0.0  # a: L = (1-a) L_selected + a L_full
+    reference: str = ""  # checkpoint (run dir or tag dir) of the frozen reference model, for policy=excess
+    counts: str = ""  # unigram counts .npy (tools/token_counts.py); "": counted from data.paths at start
+    probe_interval: int = 0  # every N steps log gamma (supervised/unsupervised gradient cosine); 0: off
+
+
+@dataclass
 class Config:
     name: str = "run"
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sgt: SGTConfig = field(default_factory=SGTConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
+SGT_POLICIES = ("random", "frequency", "loss", "excess", "payload")
+
 # Keys a resumed run may change without it being a different run.
 RESUMABLE_KEYS = {"train.steps", "train.exit_at_step", "train.log_interval", "train.eval_interval",
                   "train.save_interval", "train.eval_tokens", "train.threads", "train.peak_tflops",
-                  "data.cache_dir", "parallel.backend"}
+                  "data.cache_dir", "parallel.backend", "sgt.probe_interval"}
 
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:
@@ -237,6 +253,21 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                 "eval_interval", "save_interval"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key} must be positive, got {getattr(t, key)}")
+    g = cfg.sgt
+    if not 0 < g.ratio <= 1:
+        raise ConfigError(f"sgt.ratio must be in (0, 1], got {g.ratio}")
+    if g.policy not in SGT_POLICIES:
+        raise ConfigError(f"sgt.policy must be one of {', '.join(SGT_POLICIES)}, got '{g.policy}'")
+    if g.scope not in ("sequence", "batch"):
+        raise ConfigError(f"sgt.scope must be sequence or batch, got '{g.scope}'")
+    if not 0 <= g.anchor_weight < 1:
+        raise ConfigError(f"sgt.anchor_weight must be in [0, 1), got {g.anchor_weight}")
+    if g.policy == "excess" and g.ratio < 1 and not g.reference:
+        raise ConfigError("sgt.policy=excess needs sgt.reference (a checkpoint of the frozen reference model)")
+    if g.probe_interval and g.ratio == 1:
+        raise ConfigError("sgt.probe_interval needs sgt.ratio < 1 (there are no unsupervised positions to probe)")
+    if g.probe_interval and p.zero_stage == 3:
+        raise ConfigError("sgt.probe_interval needs whole parameters on each rank: use parallel.zero_stage <= 2")
     if world_size is not None:
         if world_size % (p.tp * p.pp):
             raise ConfigError(f"parallel.tp={p.tp} x parallel.pp={p.pp} does not divide the world size {world_size}")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from cherry_megatron import distributed
+from cherry_megatron import distributed, sgt
 from cherry_megatron.checkpoint.run_dir import checkpoint_dir, check_run_dir, latest_tag, write_config
 from cherry_megatron.config import Config, load_config, validate
 from cherry_megatron.errors import CheckpointError, ConfigError, cli_errors
@@ -71,6 +71,10 @@ class Trainer:
         self.peak = peak_tflops(layout.device, precision, cfg.train.peak_tflops) * 1e12 * layout.world
         self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_length)
         self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
+        self.sgt = sgt.SGT(cfg, layout, layout.device) if cfg.sgt.ratio < 1 else None
+        if self.sgt is not None:
+            self.flops_per_token -= self.sgt.head_flops_saved(cfg.model)
+        self.gamma_sum, self.gamma_n = 0.0, 0
         if self.is_logger:
             print(f"model {cfg.name}: {count_parameters(cfg.model)['total']:,} parameters | world {layout.world} = "
                   f"tp {layout.tp} x dp {layout.dp} | zero {cfg.parallel.zero_stage} | {precision} on "
@@ -82,9 +86,13 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float64, device=self.layout.device)
         for micro in range(self.data.grad_accum):
             b = {k: v.to(self.layout.device) for k, v in self.data.micro_batch(step, micro).items()}
-            per_token = self.engine(b["tokens"], b["labels"])
-            mask = b["loss_mask"]
-            loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+            if self.sgt is not None:
+                per_token, mask = self.engine(b["tokens"], b["labels"], select=self.sgt.selection(b, self.sample_key(step, micro)))
+                loss = sgt.objective(per_token, mask, b["loss_mask"] > 0, self.cfg.sgt.anchor_weight)
+            else:
+                per_token = self.engine(b["tokens"], b["labels"])
+                mask = b["loss_mask"]
+                loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
             self.engine.backward(loss)
             self.engine.step()
             total += loss.detach().double()
@@ -93,6 +101,45 @@ class Trainer:
             dist.all_reduce(total, group=self.dp_group)
         norm = self.engine.get_global_grad_norm()
         return total.item(), float(norm) if norm is not None else float("nan"), lr
+
+    def sample_key(self, step: int, micro: int) -> int:
+        """Index of the micro-batch's first sample: the same on all TP ranks, distinct across DP ranks."""
+        return step * self.cfg.train.global_batch_size + (micro * self.layout.dp + self.layout.dp_rank) * self.data.mbs
+
+    def probe(self, step: int) -> dict:
+        """gamma and the supervised/unsupervised losses on this step's first micro-batch, before the update."""
+        from megatron.core import parallel_state
+
+        module, key = self.engine.module, self.sample_key(step, 0)
+        b = {k: v.to(self.layout.device) for k, v in self.data.micro_batch(step, 0).items()}
+        sup, unsup = self.sgt.probe_masks(module, b, key)
+        on = lambda m: lambda: sgt.masked_mean(module(b["tokens"], b["labels"]), m)  # noqa: E731
+        params = [p for p in module.parameters() if p.requires_grad]
+        gamma = sgt.gradient_cosine(on(sup), on(unsup), params, parallel_state.get_tensor_model_parallel_group(),
+                                    self.dp_group)
+        return {"gamma": gamma, "batch": b, "masks": (sup, unsup), **self._probe_losses(b, sup, unsup)}
+
+    @torch.no_grad()
+    def _probe_losses(self, b: dict, sup: torch.Tensor, unsup: torch.Tensor) -> dict:
+        per_token = self.engine.module(b["tokens"], b["labels"]).float()
+        return {"sup_loss": self._dp_mean(sgt.masked_mean(per_token, sup)),
+                "unsup_loss": self._dp_mean(sgt.masked_mean(per_token, unsup))}
+
+    def probe_after(self, probe: dict) -> dict:
+        """The same probe batch and positions after the update: did the unsupervised positions' loss fall?"""
+        after = self._probe_losses(probe["batch"], *probe["masks"])
+        self.gamma_sum += probe["gamma"]
+        self.gamma_n += 1
+        return {"gamma": probe["gamma"], "gamma_bar": self.gamma_sum / self.gamma_n,
+                "probe_sup_loss": probe["sup_loss"], "probe_unsup_loss": probe["unsup_loss"],
+                "probe_sup_delta": after["sup_loss"] - probe["sup_loss"],
+                "probe_unsup_delta": after["unsup_loss"] - probe["unsup_loss"]}
+
+    def _dp_mean(self, x: torch.Tensor) -> float:
+        x = x.detach().double().clone()
+        if self.layout.dp > 1:
+            dist.all_reduce(x, group=self.dp_group)
+        return x.item() / self.layout.dp
 
     def evaluate(self) -> float:
         from cherry_megatron.evaluate import window_loss
@@ -106,7 +153,7 @@ class Trainer:
 
     def save(self, step: int) -> None:
         client = {"step": step, "consumed_samples": step * self.cfg.train.global_batch_size,
-                  "cherry_config": self.cfg.to_dict()}
+                  "cherry_config": self.cfg.to_dict(), "gamma_sum": self.gamma_sum, "gamma_n": self.gamma_n}
         self.engine.save_checkpoint(str(checkpoint_dir(self.run_dir)), tag=f"global_step{step}", client_state=client)
 
     def resume(self) -> int:
@@ -116,6 +163,7 @@ class Trainer:
         path, client = self.engine.load_checkpoint(str(ckpt))
         if path is None or "step" not in (client or {}):
             raise CheckpointError(f"cannot load the latest checkpoint in {ckpt}")
+        self.gamma_sum, self.gamma_n = client.get("gamma_sum", 0.0), client.get("gamma_n", 0)
         return int(client["step"])
 
     def fit(self) -> dict:
@@ -128,9 +176,13 @@ class Trainer:
         window_loss_sum, window_steps, window_time = 0.0, 0, 0.0
         step = start
         while step < t.steps:
+            probing = self.sgt is not None and self.cfg.sgt.probe_interval and step % self.cfg.sgt.probe_interval == 0
+            probe = self.probe(step) if probing else None
             t0 = time.perf_counter()
             loss, grad_norm, lr = self.step(step)
             window_time += time.perf_counter() - t0
+            if probe is not None:
+                self.metrics.log(step + 1, **self.probe_after(probe))
             window_loss_sum += loss
             window_steps += 1
             step += 1

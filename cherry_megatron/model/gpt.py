@@ -43,13 +43,36 @@ class GPT(nn.Module):
         out, _ = self.head(h, weight=self.embed.weight if self.cfg.tie_embeddings else None)
         return out
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-token cross-entropy [b, s] when labels are given, vocab-parallel logits otherwise."""
-        logits = self.logits(self.hidden_states(tokens))
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, select=None):
+        """Vocab-parallel logits without labels; per-token cross-entropy [b, s] with labels.
+
+        With `select` (an `sgt.Selection`) returns (per-token losses [b, s], bool mask [b, s]): the
+        head and the cross-entropy run only on the selected positions, whose hidden states are
+        gathered first; unselected positions hold 0 (unless `select.full_loss`, then all are computed).
+        """
+        h = self.hidden_states(tokens)
         if labels is None:
-            return logits
+            return self.logits(h)
+        if select is None or select.full_loss:
+            losses = self.token_losses(h, labels)
+            return losses if select is None else (losses, select(losses.detach))
+        mask = select(lambda: self.scoring_losses(h.detach(), labels))
+        picked = self.token_losses(h[mask].unsqueeze(0), labels[mask].unsqueeze(0))[0]
+        return torch.zeros(labels.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked), mask
+
+    def token_losses(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # fp32 softmax whatever the compute dtype: bf16 cross-entropy loses the small differences.
-        return vocab_parallel_cross_entropy(logits.float(), labels)
+        return vocab_parallel_cross_entropy(self.logits(h).float(), labels)
+
+    @torch.no_grad()
+    def scoring_losses(self, h: torch.Tensor, labels: torch.Tensor, chunk_positions: int = 8192) -> torch.Tensor:
+        """Per-token losses without gradient, a few thousand positions at a time, so scoring never holds
+        the full [tokens x vocab] fp32 logits next to the ones the training loss keeps."""
+        b, s, d = h.shape
+        flat_h, flat_y = h.reshape(1, b * s, d), labels.reshape(1, b * s)
+        out = [self.token_losses(flat_h[:, i:i + chunk_positions], flat_y[:, i:i + chunk_positions])
+               for i in range(0, b * s, chunk_positions)]
+        return torch.cat(out, dim=1).view(b, s)
 
 
 def pad_vocab(vocab: int, divisible_by: int, tp: int) -> int:

@@ -1,0 +1,260 @@
+"""Selective ground-truth token training (SGT): supervise a fraction of the output positions.
+
+A policy scores every valid position of a micro-batch; the top `round(ratio * n)` positions (per
+sequence or per micro-batch, `sgt.scope`) are supervised, the others are not. The model gathers the
+hidden states of the selected positions before its output layer, so the LM head and the vocab-parallel
+cross-entropy run on those positions only (`GPT.forward(..., select=...)`).
+
+Policies (score = how much a position deserves supervision; all see the *target* token of a position):
+  random     uniform scores from a generator seeded by (train.seed, sample index): reproducible, and the
+             same on every tensor-parallel rank because TP ranks read the same samples.
+  frequency  information content -log p(target) of the unigram distribution of the training data.
+  loss       the current model's per-token loss, computed without gradient and in chunks.
+  excess     current loss minus a frozen reference model's loss (Rho-1).
+  payload    `frequency`, restricted first to content-bearing pieces (`payload.py` gives the rule).
+
+The gradient-coupling probe (`gradient_cosine`) measures gamma: the cosine between the parameter
+gradient of the loss on supervised positions and that of the loss on unsupervised positions.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from cherry_megatron.config import SGTConfig
+from cherry_megatron.errors import DataError
+
+
+def selected_count(ratio: float, n: int) -> int:
+    """round(ratio * n), halves rounded up (not Python's banker's rounding)."""
+    return int(math.floor(ratio * n + 0.5))
+
+
+def select_top(scores: torch.Tensor, valid: torch.Tensor, ratio: float, scope: str) -> torch.Tensor:
+    """Bool mask [b, s] of exactly round(ratio * n_valid) positions per sequence (or per batch) with the
+    highest scores; invalid positions are never chosen."""
+    scores = scores.float().masked_fill(~valid, float("-inf"))
+    mask = torch.zeros_like(valid)
+    rows = [(scores.reshape(1, -1), valid.reshape(1, -1), mask.view(1, -1))] if scope == "batch" else \
+        [(scores[i:i + 1], valid[i:i + 1], mask[i:i + 1]) for i in range(scores.shape[0])]
+    for sc, va, out in rows:
+        k = selected_count(ratio, int(va.sum()))
+        if k:
+            out[0, sc[0].topk(k).indices] = True
+    return mask
+
+
+class Policy:
+    """Scores positions; higher is more deserving of supervision."""
+    needs_losses = False  # scores need the current model's per-token losses
+    needs_reference = False
+
+    def scores(self, labels: torch.Tensor, key: int, losses: Optional[torch.Tensor] = None,
+               ref_losses: Optional[torch.Tensor] = None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class RandomPolicy(Policy):
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def scores(self, labels, key, losses=None, ref_losses=None):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + key)
+        return torch.rand(labels.shape, generator=g).to(labels.device)
+
+
+class FrequencyPolicy(Policy):
+    def __init__(self, counts: np.ndarray):
+        self.info = information(counts)
+
+    def scores(self, labels, key, losses=None, ref_losses=None):
+        return self.info.to(labels.device)[labels]
+
+
+class LossPolicy(Policy):
+    needs_losses = True
+
+    def scores(self, labels, key, losses=None, ref_losses=None):
+        return losses
+
+
+class ExcessPolicy(Policy):
+    needs_losses = True
+    needs_reference = True
+
+    def scores(self, labels, key, losses=None, ref_losses=None):
+        return losses - ref_losses
+
+
+class PayloadPolicy(FrequencyPolicy):
+    def __init__(self, counts: np.ndarray, content: np.ndarray):
+        super().__init__(counts)
+        # Function pieces rank below every content piece, so they are used only when content runs out.
+        self.info = self.info - 1e4 * torch.from_numpy(~content[: len(self.info)]).float()
+
+
+def information(counts: np.ndarray) -> torch.Tensor:
+    """-log p of each vocabulary id under add-one-smoothed unigram counts."""
+    c = torch.from_numpy(np.asarray(counts, dtype=np.float64)) + 1.0
+    return (-(c / c.sum()).log()).float()
+
+
+def unigram_counts(paths: list, vocab_size: int, counts_file: str = "") -> np.ndarray:
+    """Token counts of the training data: from `counts_file` (tools/token_counts.py) or counted here."""
+    if counts_file:
+        try:
+            counts = np.load(counts_file, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read unigram counts {counts_file}: {e}") from None
+    else:
+        from megatron.core.datasets.utils import get_blend_from_list
+
+        from cherry_megatron.data.indexed import token_stream
+
+        counts = np.zeros(vocab_size, dtype=np.int64)
+        for prefix in get_blend_from_list([str(p) for p in paths])[0]:
+            stream = token_stream(prefix)
+            for i in range(0, len(stream), 1 << 24):  # chunks: a memmap of billions of tokens stays on disk
+                counts += np.bincount(stream[i:i + (1 << 24)], minlength=vocab_size)[:vocab_size]
+    if counts.ndim != 1 or len(counts) > vocab_size:
+        raise DataError(f"unigram counts have shape {counts.shape}, expected at most ({vocab_size},)")
+    return np.pad(counts, (0, vocab_size - len(counts)))
+
+
+def build_policy(cfg: SGTConfig, seed: int, vocab_size: int, data_paths: list, tokenizer_model: str = "") -> Policy:
+    if cfg.policy == "random":
+        return RandomPolicy(seed)
+    if cfg.policy == "loss":
+        return LossPolicy()
+    if cfg.policy == "excess":
+        return ExcessPolicy()
+    counts = unigram_counts(data_paths, vocab_size, cfg.counts)
+    if cfg.policy == "frequency":
+        return FrequencyPolicy(counts)
+    from cherry_megatron.payload import content_pieces
+
+    return PayloadPolicy(counts, content_pieces(tokenizer_model, vocab_size))
+
+
+@dataclass
+class Selection:
+    """One micro-batch's selection, handed to the model's forward (`select=`), which calls it with a
+    function that returns the per-token losses [b, s] (no gradient) when the policy needs them."""
+    policy: Policy
+    ratio: float
+    scope: str
+    labels: torch.Tensor
+    valid: torch.Tensor
+    key: int
+    ref_losses: Optional[torch.Tensor] = None
+    full_loss: bool = False  # anchor_weight > 0: the model returns every position's loss with gradient
+
+    def __call__(self, losses_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        losses = losses_fn() if self.policy.needs_losses else None
+        scores = self.policy.scores(self.labels, self.key, losses, self.ref_losses)
+        return select_top(scores, self.valid, self.ratio, self.scope)
+
+
+def objective(per_token: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor, anchor: float) -> torch.Tensor:
+    """(1 - a) * mean loss over selected positions + a * mean loss over all valid positions."""
+    sel = (per_token * mask).sum() / mask.sum().clamp(min=1)
+    if anchor == 0:
+        return sel
+    full = (per_token * valid).sum() / valid.sum().clamp(min=1)
+    return (1 - anchor) * sel + anchor * full
+
+
+def masked_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+def gradient_cosine(loss_a: Callable[[], torch.Tensor], loss_b: Callable[[], torch.Tensor],
+                    params: list[torch.nn.Parameter], tp_group=None, dp_group=None) -> float:
+    """cos(grad loss_a, grad loss_b) over all parameters of the whole (unsplit) model.
+
+    Each loss is a function that runs its own forward pass: megatron's vocab-parallel cross-entropy
+    overwrites its saved softmax in backward, so one graph cannot be differentiated twice.
+    Gradients are summed over data-parallel ranks first (the gradient of the global batch, up to a
+    scale the cosine ignores). Under tensor parallelism a split weight's products are summed over TP
+    ranks; a replicated weight (norms) has the same gradient on every TP rank and is counted once.
+    """
+    ga = torch.autograd.grad(loss_a(), params, allow_unused=True)
+    gb = torch.autograd.grad(loss_b(), params, allow_unused=True)
+    split = torch.zeros(3, dtype=torch.float64, device=params[0].device)
+    repl = torch.zeros_like(split)
+    for p, a, b in zip(params, ga, gb):
+        a = torch.zeros_like(p) if a is None else a
+        b = torch.zeros_like(p) if b is None else b
+        if dp_group is not None and dist.get_world_size(dp_group) > 1:
+            ab = torch.stack([a.double(), b.double()])
+            dist.all_reduce(ab, group=dp_group)
+            a, b = ab[0], ab[1]
+        a, b = a.double(), b.double()
+        acc = split if getattr(p, "tensor_model_parallel", False) else repl
+        acc += torch.stack([(a * b).sum(), (a * a).sum(), (b * b).sum()])
+    if tp_group is not None and dist.get_world_size(tp_group) > 1:
+        dist.all_reduce(split, group=tp_group)
+    dot, na, nb = (split + repl).tolist()
+    return dot / math.sqrt(na * nb) if na > 0 and nb > 0 else float("nan")
+
+
+class SGT:
+    """The trainer's SGT state: the policy, the frozen reference model (policy=excess), the probe."""
+
+    def __init__(self, cfg, layout, device: torch.device):
+        self.cfg, self.device = cfg.sgt, device
+        self.policy = build_policy(cfg.sgt, cfg.train.seed, cfg.model.vocab_size, cfg.data.paths,
+                                   cfg.data.tokenizer_model)
+        self.reference = load_reference(cfg.sgt.reference, cfg.model.vocab_size, layout, device) \
+            if self.policy.needs_reference else None
+
+    def selection(self, batch: dict, key: int) -> Selection:
+        ref = None
+        if self.reference is not None:
+            with torch.no_grad():
+                ref = self.reference(batch["tokens"], batch["labels"]).float()
+        return Selection(self.policy, self.cfg.ratio, self.cfg.scope, batch["labels"], batch["loss_mask"] > 0, key,
+                         ref, full_loss=self.cfg.anchor_weight > 0)
+
+    @torch.no_grad()
+    def probe_masks(self, module: torch.nn.Module, batch: dict, key: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(selected, unselected-but-valid) float masks of a batch, as the training step would select."""
+        sel = self.selection(batch, key)
+        per_token = module(batch["tokens"], batch["labels"]).float()
+        mask = sel(lambda: per_token)
+        return mask.float(), (sel.valid & ~mask).float()
+
+    def head_flops_saved(self, model_cfg) -> float:
+        """Training FLOPs per token not spent, against full supervision: the head's forward and backward
+        on unselected positions, less a forward pass on all positions when the policy scores by loss."""
+        head = 2.0 * model_cfg.vocab_size * model_cfg.hidden_size
+        saved = 3 * head * (1 - self.cfg.ratio) if self.cfg.anchor_weight == 0 else 0.0
+        return saved - (head if self.policy.needs_losses and self.cfg.anchor_weight == 0 else 0.0)
+
+
+def load_reference(path: str, vocab_size: int, layout, device: torch.device) -> torch.nn.Module:
+    """The frozen reference model of `excess`, split for this TP rank like the trained model."""
+    from megatron.core import parallel_state
+
+    from cherry_megatron.checkpoint.consolidate import load_consolidated, split_tp
+    from cherry_megatron.config import from_dict
+    from cherry_megatron.errors import CheckpointError
+    from cherry_megatron.model.gpt import GPT
+
+    state, cfg_dict = load_consolidated(path)
+    ref_cfg = from_dict(cfg_dict).model
+    if ref_cfg.vocab_size != vocab_size:
+        raise CheckpointError(f"sgt.reference {path} has vocabulary {ref_cfg.vocab_size}, the model {vocab_size}: "
+                              "the reference must share the tokenizer")
+    model = GPT(ref_cfg)
+    missing, unexpected = model.load_state_dict(
+        split_tp(state, parallel_state.get_tensor_model_parallel_world_size(),
+                 parallel_state.get_tensor_model_parallel_rank()), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"sgt.reference {path} does not fit its own config: missing {missing[:3]}")
+    return model.to(device).eval().requires_grad_(False)
