@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/train_throughput.py [--config tiny] [--steps 12] [--set key=value ...]
 
-Ours: `cherry_megatron.train` in this process (megatron-core layers, DeepSpeed engine and ZeRO, data
+Ours: `cherry_megatron.train` run by this script (megatron-core layers, DeepSpeed engine and ZeRO, data
 pipeline, logging, checkpoint at the end excluded from the timing). Baseline: a Llama-shaped model of
 plain `nn.Linear`/`nn.Embedding` layers trained by `torch.optim.AdamW` on batches cut from the same
 token file, with the same micro-batch, accumulation and sequence length. The baseline runs before and
@@ -15,7 +15,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.runs import trainer_step_times  # noqa: E402
 from cherry_megatron.config import ModelConfig, load_config  # noqa: E402
 
 
@@ -99,18 +99,6 @@ def plain_loop(cfg, steps: int, warmup: int) -> list[float]:
     return times
 
 
-def our_trainer(config: str, overrides: list[str], steps: int, warmup: int) -> list[float]:
-    from cherry_megatron import train
-    from cherry_megatron.metrics import read_metrics
-
-    with tempfile.TemporaryDirectory() as d:
-        train.main(["--config", config, "--run-dir", f"{d}/run", "--set", f"train.steps={warmup + steps}",
-                    "train.log_interval=1", f"train.eval_interval={10**9}", f"train.save_interval={10**9}",
-                    "data.eval_path=", *overrides])
-        rows = [r for r in read_metrics(Path(d) / "run") if "step_time_s" in r]
-    return [r["step_time_s"] for r in rows[warmup:]]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="tiny")
@@ -133,7 +121,7 @@ def main() -> None:
     fpt = flops_per_token(cfg.model, cfg.train.seq_length)
 
     base = plain_loop(cfg, args.steps // 2, args.warmup)
-    ours = our_trainer(args.config, args.overrides, args.steps, args.warmup)
+    ours = trainer_step_times(args.config, args.overrides, args.steps, args.warmup)
     torch.set_num_threads(threads)
     base += plain_loop(cfg, args.steps - args.steps // 2, args.warmup)
 

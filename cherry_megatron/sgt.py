@@ -120,7 +120,10 @@ def unigram_counts(paths: list, vocab_size: int, counts_file: str = "") -> np.nd
         for prefix in get_blend_from_list([str(p) for p in paths])[0]:
             stream = token_stream(prefix)
             for i in range(0, len(stream), 1 << 24):  # chunks: a memmap of billions of tokens stays on disk
-                counts += np.bincount(stream[i:i + (1 << 24)], minlength=vocab_size)[:vocab_size]
+                chunk = np.bincount(stream[i:i + (1 << 24)], minlength=vocab_size)
+                if len(chunk) > vocab_size:
+                    raise DataError(f"{prefix} holds token id {len(chunk) - 1}, beyond the vocabulary {vocab_size}")
+                counts += chunk
     if counts.ndim != 1 or len(counts) > vocab_size:
         raise DataError(f"unigram counts have shape {counts.shape}, expected at most ({vocab_size},)")
     return np.pad(counts, (0, vocab_size - len(counts)))

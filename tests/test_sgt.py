@@ -1,0 +1,148 @@
+"""SGT: exact selection, policies, gathered-position loss, the gamma probe; TP=2 against TP=1."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cherry_megatron import distributed
+from cherry_megatron.config import ParallelConfig, load_config
+from cherry_megatron.errors import ConfigError
+from cherry_megatron.metrics import read_metrics
+from cherry_megatron.model.gpt import GPT
+from cherry_megatron.payload import is_function_piece
+from cherry_megatron.sgt import (FrequencyPolicy, LossPolicy, RandomPolicy, Selection, gradient_cosine, objective,
+                                 select_top, selected_count)
+from conftest import train
+
+
+@pytest.fixture(scope="module")
+def world_of_one():
+    distributed.init(ParallelConfig(tp=1))
+    yield
+    distributed.shutdown()
+
+
+def _valid(b, s, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    valid = torch.rand(b, s, generator=g) > 0.2
+    valid[0] = True
+    return valid
+
+
+@pytest.mark.parametrize("ratio", [0.15, 0.5, 1.0, 0.01])
+@pytest.mark.parametrize("scope", ["sequence", "batch"])
+def test_selects_exactly_round_ratio_n(ratio, scope):
+    valid = _valid(4, 37)
+    mask = select_top(torch.randn(4, 37), valid, ratio, scope)
+    assert not (mask & ~valid).any()
+    if scope == "batch":
+        assert mask.sum() == selected_count(ratio, int(valid.sum()))
+    else:
+        for row, v in zip(mask, valid):
+            assert row.sum() == selected_count(ratio, int(v.sum()))
+    assert selected_count(0.15, 10) == 2 and selected_count(0.25, 10) == 3  # 2.5 rounds up, not to even
+
+
+def test_random_policy_is_reproducible_by_seed():
+    labels, valid = torch.randint(0, 100, (3, 50)), _valid(3, 50)
+    pick = lambda seed, key: Selection(RandomPolicy(seed), 0.15, "sequence", labels, valid, key)(None)  # noqa: E731
+    assert torch.equal(pick(1, 7), pick(1, 7))
+    assert not torch.equal(pick(1, 7), pick(2, 7))
+    assert not torch.equal(pick(1, 7), pick(1, 8))  # another micro-batch, another subset
+
+
+def test_frequency_never_prefers_a_more_frequent_token():
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 1000, size=64)
+    labels, valid = torch.from_numpy(rng.integers(0, 64, size=(4, 40))), _valid(4, 40)
+    sel = Selection(FrequencyPolicy(counts), 0.15, "sequence", labels, valid, 0)(None)
+    for row_sel, row_valid, row_labels in zip(sel, valid, labels):
+        chosen = counts[row_labels[row_sel].numpy()]
+        passed = counts[row_labels[row_valid & ~row_sel].numpy()]
+        assert chosen.max() <= passed.min()
+
+
+def test_gathered_position_loss_equals_masked_full_loss(world_of_one):
+    cfg = load_config("tiny", ["model.vocab_size=1024", "model.num_layers=2"]).model
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    tokens, labels = torch.randint(0, 1024, (3, 32)), torch.randint(0, 1024, (3, 32))
+    valid = _valid(3, 32)
+    for policy in (RandomPolicy(3), LossPolicy()):
+        sel = Selection(policy, 0.15, "sequence", labels, valid, key=5)
+        per_token, mask = model(tokens, labels, select=sel)
+        gathered = objective(per_token, mask, valid, 0.0)
+        g1 = torch.autograd.grad(gathered, list(model.parameters()))
+        full = model(tokens, labels)
+        masked = (full * mask).sum() / mask.sum()
+        g2 = torch.autograd.grad(masked, list(model.parameters()))
+        assert abs(gathered.item() - masked.item()) < 1e-5
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g1, g2))
+        if isinstance(policy, LossPolicy):  # the loss policy picked the highest-loss positions
+            for f, m, v in zip(full.detach(), mask, valid):
+                assert f[m].min() >= f[v & ~m].max()
+    anchored = Selection(RandomPolicy(3), 0.15, "sequence", labels, valid, key=5, full_loss=True)
+    per_token, mask = model(tokens, labels, select=anchored)
+    full = model(tokens, labels)
+    expect = 0.7 * (full * mask).sum() / mask.sum() + 0.3 * (full * valid).sum() / valid.sum()
+    assert abs(objective(per_token, mask, valid, 0.3).item() - expect.item()) < 1e-5
+
+
+def test_gamma_on_a_two_parameter_toy_matches_hand_computation():
+    w = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+    # L_a = (w1 + 2 w2 - 1)^2 -> grad 2*2*(1, 2) = (4, 8);  L_b = (3 w1 - w2)^2 -> grad 2*2*(3, -1) = (12, -4)
+    gamma = gradient_cosine(lambda: (w[0] + 2 * w[1] - 1) ** 2, lambda: (3 * w[0] - w[1]) ** 2, [w])
+    assert gamma == pytest.approx((4 * 12 + 8 * -4) / math.sqrt((16 + 64) * (144 + 16)), rel=1e-12)
+
+
+@pytest.mark.parametrize("piece, function", [
+    ("▁the", True), ("은", True), ("하여야", True), ("▁한다", True), (".", True), ("()", True), ("▁", True),
+    ("▁협약을", False), ("▁제", False), ("기관", False), ("▁Python", False), ("1", False),
+])
+def test_payload_rule(piece, function):
+    assert is_function_piece(piece) is function
+
+
+def test_payload_rule_on_bytes_and_control():
+    assert is_function_piece("<0x0A>", is_byte=True) and not is_function_piece("<0xEC>", is_byte=True)
+    assert is_function_piece("<s>", is_control=True)
+
+
+@pytest.mark.parametrize("override, message", [
+    (["sgt.ratio=0"], "sgt.ratio must be in (0, 1]"), (["sgt.policy=tfidf"], "sgt.policy must be one of"),
+    (["sgt.ratio=0.15", "sgt.policy=excess"], "needs sgt.reference"),
+    (["sgt.probe_interval=5"], "needs sgt.ratio < 1"),
+    (["sgt.ratio=0.15", "sgt.probe_interval=5", "parallel.zero_stage=3"], "zero_stage <= 2"),
+])
+def test_bad_sgt_config(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config("tiny", override)
+
+
+SGT = ["sgt.ratio=0.15", "sgt.policy=loss", "sgt.probe_interval=2"]
+
+
+def _rows(run_dir, key):
+    return {r["step"]: r[key] for r in read_metrics(run_dir) if r.get(key) is not None}
+
+
+@pytest.mark.slow
+def test_sgt_tp2_matches_tp1(corpus, tmp_path):
+    train(tmp_path / "tp1", SGT)
+    train(tmp_path / "tp2", SGT + ["parallel.tp=2"], nproc=2)
+    for key, rtol in (("loss", 1e-4), ("gamma", 1e-3), ("probe_unsup_loss", 1e-4)):
+        a, b = _rows(tmp_path / "tp2", key), _rows(tmp_path / "tp1", key)
+        assert a.keys() == b.keys() and len(a) >= 3, key
+        for step in a:
+            assert a[step] == pytest.approx(b[step], rel=rtol, abs=1e-6), f"{key} at step {step}"
+
+
+@pytest.mark.slow
+def test_excess_policy_with_a_reference_and_shuffled_control(corpus, tmp_path):
+    train(tmp_path / "ref")
+    train(tmp_path / "excess", ["sgt.ratio=0.15", "sgt.policy=excess", f"sgt.reference={tmp_path / 'ref'}",
+                                "sgt.probe_interval=3", "data.shuffle_tokens=true"])
+    gammas = _rows(tmp_path / "excess", "gamma")
+    assert len(gammas) == 2 and all(-1 <= g <= 1 for g in gammas.values())
+    assert all(math.isfinite(v) for v in _rows(tmp_path / "excess", "loss").values())
