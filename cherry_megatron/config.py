@@ -32,6 +32,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    init_from: str = ""  # a checkpoint (run dir, tag dir, or tools/compress_depth.py output) to start from
 
     @property
     def kv_heads(self) -> int:
@@ -91,6 +92,23 @@ class TrainConfig:
 
 
 @dataclass
+class RecurrentConfig:
+    """A recurrent (looped) model: `num_blocks` unique blocks unrolled to `model.num_layers` positions."""
+    num_blocks: int = 0  # K; 0: a dense model (every position its own block)
+    schedule: list[int] = field(default_factory=list)  # block per position; []: each block num_layers/K times in a row
+    lora_rank: int = 0  # per-position LoRA on q, kv, o, gate_up, down; 0: strict sharing
+    iteration_embedding: bool = True  # a learned vector per position added to the residual stream
+    iteration_norms: bool = True  # RMSNorm weights per position instead of per block
+    exit_depths: list[int] = field(default_factory=list)  # positions after which the head may read out (early exit)
+    exit_loss_weights: list[float] = field(default_factory=list)  # each exit's loss weight, added to the final loss
+
+    def resolved_schedule(self, num_layers: int) -> list[int]:
+        if self.schedule:
+            return [int(b) for b in self.schedule]
+        return [i * self.num_blocks // num_layers for i in range(num_layers)]
+
+
+@dataclass
 class SGTConfig:
     """Selective ground-truth token training: supervise `ratio` of the output positions (cherry_megatron/sgt.py)."""
     ratio: float = 1.0  # 1.0: every position supervised (SGT off)
@@ -109,6 +127,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    recurrent: RecurrentConfig = field(default_factory=RecurrentConfig)
     sgt: SGTConfig = field(default_factory=SGTConfig)
 
     def to_dict(self) -> dict:
@@ -144,7 +163,10 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     elif typ is list or typing.get_origin(typ) is list:
-        if isinstance(value, list):
+        item = (typing.get_args(typ) or (None,))[0]
+        if isinstance(value, list) and item in (int, float):
+            return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        if isinstance(value, list):  # untyped: strings (data.paths mixes weights and prefixes)
             return [str(v) if isinstance(v, (int, float)) else v for v in value]
         if isinstance(value, str):
             return [value]
@@ -253,6 +275,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                 "eval_interval", "save_interval"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key} must be positive, got {getattr(t, key)}")
+    validate_recurrent(cfg)
     g = cfg.sgt
     if not 0 < g.ratio <= 1:
         raise ConfigError(f"sgt.ratio must be in (0, 1], got {g.ratio}")
@@ -275,6 +298,29 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         if t.global_batch_size % (t.micro_batch_size * dp):
             raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
                               f"micro_batch_size={t.micro_batch_size} x data-parallel size {dp}")
+
+
+def validate_recurrent(cfg: Config) -> None:
+    r, n = cfg.recurrent, cfg.model.num_layers
+    if not r.num_blocks:
+        if r.schedule or r.lora_rank or r.exit_depths:
+            raise ConfigError("recurrent.* is set but recurrent.num_blocks is 0 (a dense model)")
+        return
+    if r.schedule and len(r.schedule) != n:
+        raise ConfigError(f"recurrent.schedule has {len(r.schedule)} positions but model.num_layers={n} "
+                          "(the unrolled depth); set both")
+    if not r.schedule and n % r.num_blocks:
+        raise ConfigError(f"recurrent.num_blocks={r.num_blocks} does not divide model.num_layers={n}; "
+                          "give recurrent.schedule explicitly")
+    sched = r.resolved_schedule(n)
+    if any(not 0 <= b < r.num_blocks for b in sched) or set(sched) != set(range(r.num_blocks)):
+        raise ConfigError(f"recurrent.schedule must use every block 0..{r.num_blocks - 1} and nothing else")
+    if any(not 1 <= d <= n for d in r.exit_depths):
+        raise ConfigError(f"recurrent.exit_depths must lie in 1..{n}")
+    if r.exit_loss_weights and len(r.exit_loss_weights) != len(r.exit_depths):
+        raise ConfigError("recurrent.exit_loss_weights needs one weight per recurrent.exit_depths entry")
+    if r.lora_rank < 0:
+        raise ConfigError("recurrent.lora_rank must be >= 0")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

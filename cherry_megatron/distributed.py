@@ -52,6 +52,16 @@ def first_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
 
 
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def child_env(extra: dict | None = None) -> dict:
+    """os.environ without the launcher's rendezvous variables, for starting a separate run as a child:
+    it must find its own world, not join (or collide with) ours."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("SLURM_")}
+    return {**env, **(extra or {})}
+
+
 def world_size_from_env() -> int:
     env_from_launcher()
     return int(os.environ["WORLD_SIZE"])

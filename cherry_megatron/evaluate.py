@@ -66,11 +66,11 @@ def _evaluate(args) -> dict | None:
     # stdout carries only the result line; DeepSpeed's import-time logger and op loader print to stdout.
     with cli_errors(), contextlib.redirect_stdout(sys.stderr):
         from cherry_megatron import distributed
-        from cherry_megatron.checkpoint.consolidate import load_consolidated
+        from cherry_megatron.checkpoint.consolidate import load_consolidated, load_into
         from cherry_megatron.config import ParallelConfig, from_dict
         from cherry_megatron.data.indexed import token_stream
         from cherry_megatron.errors import CheckpointError
-        from cherry_megatron.model.gpt import GPT
+        from cherry_megatron.model import build_model
 
         state, cfg_dict = load_consolidated(args.load)
         cfg = from_dict(cfg_dict)
@@ -80,10 +80,9 @@ def _evaluate(args) -> dict | None:
                                   f"{cfg.model.vocab_size}: data and checkpoint come from different tokenizers")
         distributed.set_threads(0)
         layout = distributed.init(ParallelConfig(tp=1))
-        model = GPT(cfg.model).to(layout.device)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise CheckpointError(f"checkpoint does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        model = build_model(cfg)
+        load_into(model, state, args.load)
+        model.to(layout.device)
         model.eval()
         from megatron.core import parallel_state
 

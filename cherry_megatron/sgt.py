@@ -242,22 +242,16 @@ class SGT:
 
 def load_reference(path: str, vocab_size: int, layout, device: torch.device) -> torch.nn.Module:
     """The frozen reference model of `excess`, split for this TP rank like the trained model."""
-    from megatron.core import parallel_state
-
-    from cherry_megatron.checkpoint.consolidate import load_consolidated, split_tp
+    from cherry_megatron.checkpoint.consolidate import load_consolidated, load_into
     from cherry_megatron.config import from_dict
     from cherry_megatron.errors import CheckpointError
-    from cherry_megatron.model.gpt import GPT
+    from cherry_megatron.model import build_model
 
     state, cfg_dict = load_consolidated(path)
-    ref_cfg = from_dict(cfg_dict).model
-    if ref_cfg.vocab_size != vocab_size:
-        raise CheckpointError(f"sgt.reference {path} has vocabulary {ref_cfg.vocab_size}, the model {vocab_size}: "
+    ref_cfg = from_dict(cfg_dict)
+    if ref_cfg.model.vocab_size != vocab_size:
+        raise CheckpointError(f"sgt.reference {path} has vocabulary {ref_cfg.model.vocab_size}, the model {vocab_size}: "
                               "the reference must share the tokenizer")
-    model = GPT(ref_cfg)
-    missing, unexpected = model.load_state_dict(
-        split_tp(state, parallel_state.get_tensor_model_parallel_world_size(),
-                 parallel_state.get_tensor_model_parallel_rank()), strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"sgt.reference {path} does not fit its own config: missing {missing[:3]}")
+    model = build_model(ref_cfg)
+    load_into(model, state, f"sgt.reference {path}")
     return model.to(device).eval().requires_grad_(False)

@@ -54,12 +54,17 @@ class Trainer:
         from cherry_megatron.data.indexed import token_stream
         from cherry_megatron.engine import build_engine, resolve_precision
         from cherry_megatron.metrics import MetricsLogger, peak_tflops
-        from cherry_megatron.model.gpt import GPT, count_parameters, flops_per_token
+        from cherry_megatron.checkpoint.consolidate import load_consolidated, load_into
+        from cherry_megatron.model import build_model, parameter_count
+        from cherry_megatron.model.gpt import flops_per_token
 
         self.cfg, self.run_dir, self.layout = cfg, run_dir, layout
         self.dp_group = parallel_state.get_data_parallel_group()
         torch.manual_seed(cfg.train.seed)  # same seed on every rank: TP slices of one master weight
-        self.engine, self.ds_config = build_engine(GPT(cfg.model), cfg, layout.dp, layout.device)
+        model = build_model(cfg)
+        if cfg.model.init_from:
+            load_into(model, load_consolidated(cfg.model.init_from)[0], f"model.init_from={cfg.model.init_from}")
+        self.engine, self.ds_config = build_engine(model, cfg, layout.dp, layout.device)
         cache = cfg.data.cache_dir or str(run_dir / "data_cache")
         self.data = TrainData(cfg, tokenizer, layout.dp_rank, layout.dp, cache)
         self.eval_stream = token_stream(cfg.data.eval_path) if cfg.data.eval_path else None
@@ -76,7 +81,7 @@ class Trainer:
             self.flops_per_token -= self.sgt.head_flops_saved(cfg.model)
         self.gamma_sum, self.gamma_n = 0.0, 0
         if self.is_logger:
-            print(f"model {cfg.name}: {count_parameters(cfg.model)['total']:,} parameters | world {layout.world} = "
+            print(f"model {cfg.name}: {parameter_count(cfg)['total']:,} parameters | world {layout.world} = "
                   f"tp {layout.tp} x dp {layout.dp} | zero {cfg.parallel.zero_stage} | {precision} on "
                   f"{layout.device.type} | grad accum {self.data.grad_accum} | run dir {run_dir}", flush=True)
 

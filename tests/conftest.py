@@ -4,7 +4,6 @@ Multi-process tests launch the real trainer under torchrun with gloo: no mocked 
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,9 +33,9 @@ def corpus():
 def run_cli(args: list[str], nproc: int = 1, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m ...` (under torchrun when nproc > 1) from the repo root."""
     # In-process fixtures (world_of_one) export RANK/MASTER_PORT...; a child must find its own world.
-    launcher_vars = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-    inherited = {k: v for k, v in os.environ.items() if k not in launcher_vars and not k.startswith("SLURM_")}
-    full_env = {**inherited, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
+    from cherry_megatron.distributed import child_env
+
+    full_env = child_env({"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})})
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
         args = ["-m", *args] if args[0] != "-m" else args

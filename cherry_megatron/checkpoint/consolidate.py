@@ -12,7 +12,7 @@ import torch
 
 from cherry_megatron.checkpoint.run_dir import latest_tag
 from cherry_megatron.errors import CheckpointError
-from cherry_megatron.model.layers import tp_layout
+from cherry_megatron.model.layers import tp_layout, tp_slice
 
 
 def resolve_tag_dir(path: str | Path) -> Path:
@@ -51,9 +51,7 @@ def split_tp(full: dict[str, torch.Tensor], tp: int, rank: int) -> dict[str, tor
         if layout is None or tp == 1:
             out[name] = t
             continue
-        dim, stride = layout
-        blocks = torch.chunk(t, stride, dim=dim)
-        out[name] = torch.cat([torch.chunk(b, tp, dim=dim)[rank] for b in blocks], dim=dim).clone()
+        out[name] = tp_slice(t, *layout, tp, rank)
     return out
 
 
@@ -78,8 +76,42 @@ def load_model_states(tag_dir: Path) -> list[dict]:
     return states
 
 
+CONSOLIDATED_WEIGHTS, CONSOLIDATED_CONFIG = "model.safetensors", "cherry_config.json"
+
+
+def save_consolidated(out_dir: str | Path, state: dict[str, torch.Tensor], cfg_dict: dict) -> None:
+    """A full (TP=1) model as safetensors + its config, written to a temp dir and renamed into place."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise CheckpointError(f"{out_dir} exists already; refusing to overwrite it")
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / CONSOLIDATED_WEIGHTS))
+    (tmp / CONSOLIDATED_CONFIG).write_text(json.dumps(cfg_dict, indent=1))
+    tmp.rename(out_dir)
+
+
 def load_consolidated(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(full fp32 state dict, the run's config dict) for a run dir or checkpoint path."""
+    """(full fp32 state dict, the run's config dict) for a run dir, a DeepSpeed checkpoint path, or a
+    consolidated safetensors dir (`save_consolidated`)."""
+    path = Path(path)
+    if (path / CONSOLIDATED_WEIGHTS).is_file():
+        import json
+
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return ({k: v.float() for k, v in load_file(str(path / CONSOLIDATED_WEIGHTS)).items()},
+                    json.loads((path / CONSOLIDATED_CONFIG).read_text()))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read consolidated checkpoint {path}: {str(e).splitlines()[0]}") from None
     tag_dir = resolve_tag_dir(path)
     states = load_model_states(tag_dir)
     cfg = states[0].get("cherry_config")
@@ -97,3 +129,20 @@ def load_consolidated(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         sd = merge_tp([s["module"] for s in states])
     # megatron's linear layers save an empty `_extra_state` (None) for Transformer Engine; it carries no weights.
     return {k: v.float() for k, v in sd.items() if torch.is_tensor(v)}, cfg
+
+
+def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load a full (TP=1) state dict into this rank's slice of `model`; a checkpoint of another model
+    shape is one clear error, not a traceback."""
+    from megatron.core import parallel_state
+
+    local = split_tp(state, parallel_state.get_tensor_model_parallel_world_size(),
+                     parallel_state.get_tensor_model_parallel_rank())
+    try:
+        missing, unexpected = model.load_state_dict(local, strict=False)
+    except RuntimeError as e:  # size mismatches
+        detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e).splitlines()[0])
+        raise CheckpointError(f"{source} is a checkpoint of another model shape: {detail}") from None
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise CheckpointError(f"{source} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")

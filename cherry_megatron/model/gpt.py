@@ -18,13 +18,15 @@ def parallel_config(tp: int, params_dtype: torch.dtype = torch.float32) -> Model
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig, params_dtype: torch.dtype = torch.float32):
+    def __init__(self, cfg: ModelConfig, params_dtype: torch.dtype = torch.float32, num_blocks: int = 0):
+        """`num_blocks` < cfg.num_layers builds fewer blocks for a recurrent model (recurrent.py) that
+        unrolls them to cfg.num_layers positions; init scaling follows the unrolled depth."""
         super().__init__()
         self.cfg = cfg
         mp = parallel_config(parallel_state.get_tensor_model_parallel_world_size(), params_dtype)
         self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, init_method=normal_init(cfg.init_std),
                                             config=mp)
-        self.layers = nn.ModuleList(Block(cfg, mp) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(Block(cfg, mp) for _ in range(num_blocks or cfg.num_layers))
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=params_dtype)
         self.head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, config=mp,
                                          init_method=normal_init(cfg.init_std), bias=False, gather_output=False,
@@ -50,13 +52,17 @@ class GPT(nn.Module):
         head and the cross-entropy run only on the selected positions, whose hidden states are
         gathered first; unselected positions hold 0 (unless `select.full_loss`, then all are computed).
         """
-        h = self.hidden_states(tokens)
+        return self.readout(self.hidden_states(tokens), labels, select)
+
+    def readout(self, h: torch.Tensor, labels: torch.Tensor | None, select=None, mask: torch.Tensor | None = None):
+        """Logits or losses from final hidden states (see `forward`); `mask` reuses an earlier selection."""
         if labels is None:
             return self.logits(h)
         if select is None or select.full_loss:
             losses = self.token_losses(h, labels)
-            return losses if select is None else (losses, select(losses.detach))
-        mask = select(lambda: self.scoring_losses(h.detach(), labels))
+            return losses if select is None else (losses, mask if mask is not None else select(losses.detach))
+        if mask is None:
+            mask = select(lambda: self.scoring_losses(h.detach(), labels))
         picked = self.token_losses(h[mask].unsqueeze(0), labels[mask].unsqueeze(0))[0]
         return torch.zeros(labels.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked), mask
 
@@ -115,16 +121,18 @@ def main(argv=None) -> None:
     p.add_argument("--set", dest="overrides", nargs="+", default=[])
     args = p.parse_args(argv)
     with cli_errors():
-        cfg = load_config(args.config, args.overrides).model
-        if cfg.vocab_size == 0:  # the trainer takes it from the tokenizer; count the preset's default
-            cfg.vocab_size = pad_vocab(8192, cfg.make_vocab_size_divisible_by, 1)
+        from cherry_megatron.model import build_model, parameter_count
+
+        cfg = load_config(args.config, args.overrides)
+        if cfg.model.vocab_size == 0:  # the trainer takes it from the tokenizer; count the preset's default
+            cfg.model.vocab_size = pad_vocab(8192, cfg.model.make_vocab_size_divisible_by, 1)
         distributed.init(ParallelConfig())
         try:
             with torch.device("meta"):
-                counted = sum(t.numel() for t in GPT(cfg).parameters())
+                counted = sum(t.numel() for t in build_model(cfg).parameters())
         finally:
             distributed.shutdown()
-        print(json.dumps({**count_parameters(cfg), "counted": counted, "vocab_size": cfg.vocab_size}))
+        print(json.dumps({**parameter_count(cfg), "counted": counted, "vocab_size": cfg.model.vocab_size}))
 
 
 if __name__ == "__main__":

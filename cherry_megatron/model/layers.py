@@ -16,7 +16,8 @@ import math
 import torch
 import torch.nn.functional as F
 from megatron.core.model_parallel_config import ModelParallelConfig
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, copy_to_tensor_model_parallel_region,
+                                           reduce_from_tensor_model_parallel_region)
 from torch import nn
 
 from cherry_megatron.config import ModelConfig
@@ -48,6 +49,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def column(linear: ColumnParallelLinear, x: torch.Tensor, lora=None) -> torch.Tensor:
+    """A column-parallel projection, plus a low-rank delta B·A·x when `lora=(A, B)` is given: A [r, in]
+    is replicated, B [out/tp, r] split like the weight's rows; the copy region all-reduces A's input
+    gradient over TP as the column layer does for its own."""
+    out, _ = linear(x)
+    if lora is not None:
+        a, b = lora
+        out = out + F.linear(copy_to_tensor_model_parallel_region(F.linear(x, a)), b)
+    return out
+
+
+def row(linear: RowParallelLinear, x: torch.Tensor, lora=None) -> torch.Tensor:
+    """A row-parallel projection (input split over TP) plus B·A·x: A [r, in/tp] split like the weight's
+    columns, its partial products summed over TP; B [out, r] replicated."""
+    out, _ = linear(x)
+    if lora is not None:
+        a, b = lora
+        out = out + F.linear(reduce_from_tensor_model_parallel_region(F.linear(x, a)), b)
+    return out
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
         super().__init__()
@@ -63,18 +85,18 @@ class Attention(nn.Module):
         self.o = RowParallelLinear(cfg.num_heads * cfg.head_dim, h, config=mp, init_method=out_init,
                                    bias=False, input_is_parallel=True, skip_bias_add=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lora=None) -> torch.Tensor:
+        lora = lora or {}
         b, s, _ = x.shape
-        q, _ = self.q(x)
-        kv, _ = self.kv(x)
+        q = column(self.q, x, lora.get("q"))
+        kv = column(self.kv, x, lora.get("kv"))
         k, v = kv.chunk(2, dim=-1)
         q = q.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.reshape(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         v = v.reshape(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
-        out, _ = self.o(y.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
-        return out
+        return row(self.o, y.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim), lora.get("o"))
 
 
 class SwiGLU(nn.Module):
@@ -87,11 +109,10 @@ class SwiGLU(nn.Module):
         self.down = RowParallelLinear(cfg.ffn_size, cfg.hidden_size, config=mp, init_method=out_init,
                                       bias=False, input_is_parallel=True, skip_bias_add=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gu, _ = self.gate_up(x)
-        gate, up = gu.chunk(2, dim=-1)
-        out, _ = self.down(F.silu(gate) * up)
-        return out
+    def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
+        lora = lora or {}
+        gate, up = column(self.gate_up, x, lora.get("gate_up")).chunk(2, dim=-1)
+        return row(self.down, F.silu(gate) * up, lora.get("down"))
 
 
 class Block(nn.Module):
@@ -104,9 +125,16 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=mp.params_dtype)
         self.mlp = SwiGLU(cfg, mp)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norms=None, lora=None) -> torch.Tensor:
+        """`norms` (attn_weight, mlp_weight) and `lora` ({proj: (A, B)}) override or add to the block's own
+        weights for one iteration of a recurrent model."""
+        if norms is None:
+            a = self.attn_norm(x)
+        else:
+            a = F.rms_norm(x, x.shape[-1:], norms[0], self.attn_norm.eps)
+        x = x + self.attn(a, cos, sin, lora)
+        m = self.mlp_norm(x) if norms is None else F.rms_norm(x, x.shape[-1:], norms[1], self.mlp_norm.eps)
+        return x + self.mlp(m, lora)
 
 
 # How each tensor-parallel weight is split: (dim, stride). Everything else is replicated.
@@ -119,7 +147,22 @@ TP_LAYOUT = {
     "attn.o.weight": (1, 1),
     "mlp.gate_up.weight": (0, 2),
     "mlp.down.weight": (1, 1),
+    # per-position LoRA of recurrent.py, stacked [positions, ...]: B of column layers, A of row layers
+    "lora_q_B": (1, 1),
+    "lora_kv_B": (1, 2),
+    "lora_gate_up_B": (1, 2),
+    "lora_o_A": (2, 1),
+    "lora_down_A": (2, 1),
 }
+
+
+def tp_slice(t: torch.Tensor, dim: int, stride: int, tp: int, rank: int) -> torch.Tensor:
+    """Rank `rank`'s slice of a full tensor split over `tp` ranks along `dim`; a strided weight holds
+    `stride` interleaved blocks per rank (e.g. [k_r; v_r])."""
+    if tp == 1:
+        return t
+    blocks = torch.chunk(t, stride, dim=dim)
+    return torch.cat([torch.chunk(b, tp, dim=dim)[rank] for b in blocks], dim=dim).clone()
 
 
 def tp_layout(name: str):
