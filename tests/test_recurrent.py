@@ -123,21 +123,27 @@ def test_recurrent_tp2_matches_tp1_with_sgt(corpus, tmp_path):
         assert a[step] == pytest.approx(b[step], rel=1e-4)
 
 
+def _compress(run_dir, out):
+    proc = run_cli(["tools/compress_depth.py", "--load", str(run_dir), "--target-layers", "1",
+                    "--lora-rank", "4", "--output", str(out), "--eval-tokens", "1024"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.slow
 def test_compress_from_tp2_equals_tp1_and_trains_on(corpus, tmp_path):
     for tp in (1, 2):  # lr 0: both checkpoints hold the same (initial) weights, at TP=1 and at TP=2
         train(tmp_path / f"tp{tp}", ["train.lr=0", f"parallel.tp={tp}"], nproc=tp)
-        proc = run_cli(["tools/compress_depth.py", "--load", str(tmp_path / f"tp{tp}"), "--target-layers", "1",
-                        "--lora-rank", "4", "--output", str(tmp_path / f"small{tp}"), "--eval-tokens", "1024"])
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-        assert math.isfinite(result["heldout_loss_recurrent"])
-        assert result["heldout_loss_recurrent"] < result["uniform_loss"]
+        _compress(tmp_path / f"tp{tp}", tmp_path / f"small{tp}")
+    train(tmp_path / "trained", ["model.num_layers=4", "train.steps=10"])
+    result = _compress(tmp_path / "trained", tmp_path / "small-trained")
+    assert math.isfinite(result["heldout_loss_recurrent"])
+    assert result["heldout_loss_recurrent"] < result["uniform_loss"], result
     a, b = load_file(str(tmp_path / "small1/model.safetensors")), load_file(str(tmp_path / "small2/model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
-    proc = run_cli(["-m", "cherry_megatron.train", "--config", str(tmp_path / "small1/config.yaml"), "--run-dir",
+    proc = run_cli(["-m", "cherry_megatron.train", "--config", str(tmp_path / "small-trained/config.yaml"), "--run-dir",
                     str(tmp_path / "retrain"), "--set", "train.steps=2", "train.log_interval=1", "train.lr=1e-3",
                     "train.micro_batch_size=2", "train.global_batch_size=2", "train.eval_interval=2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
