@@ -85,9 +85,12 @@ def main() -> None:
     comp = json.loads((runs / "compress.json").read_text())
     rec_cfg = str(compressed / "config.yaml")
     steps_sets = common + [f"train.save_interval={args.steps}", f"train.warmup_steps={max(1, args.steps // 10)}"]
-    rows = {"rec-compressed": run("rec-compressed", runs / "rec-compressed", rec_cfg, args.steps, steps_sets),
+    # Early exits every quarter of the unrolled depth, lightly weighted, so bench/recurrent_exit.py has exits to use.
+    exits = [args.dense_layers * q // 4 for q in (1, 2, 3)]
+    rec_sets = steps_sets + [f"recurrent.exit_depths={exits}", f"recurrent.exit_loss_weights={[0.1] * len(exits)}"]
+    rows = {"rec-compressed": run("rec-compressed", runs / "rec-compressed", rec_cfg, args.steps, rec_sets),
             "rec-scratch": run("rec-scratch", runs / "rec-scratch", rec_cfg, args.steps,
-                               steps_sets + ["model.init_from="])}
+                               rec_sets + ["model.init_from="])}
     rec_params = comp["params_recurrent"]
     params = {"rec-compressed": rec_params, "rec-scratch": rec_params}
     for mult in (1, 2.5, 4):
@@ -119,6 +122,8 @@ def main() -> None:
               f"- Against dense models: 1x parameters {final['dense-1x']:.4f}, 2.5x {final['dense-2.5x']:.4f}, "
               f"4x {final['dense-4x']:.4f}. CHERRY reports its 227M recurrent model at 2.934 against 2.926 for a "
               "566M (2.5x) dense model; compare the rec-compressed row with dense-2.5x.",
+              f"- The recurrent runs add early-exit losses after positions {exits} (weight 0.1 each); the dense "
+              "runs have none.",
               "- Caveats: a tiny CPU-sized teacher trained for few steps, one seed; at this width embeddings are most "
               "of every model's parameters, so parameter multiples are mostly depth differences.",
               "", "## Reproduce", "", "```", "python tools/experiments/depth.py " + " ".join(sys.argv[1:]), "```", "",
