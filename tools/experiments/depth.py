@@ -122,8 +122,18 @@ def main() -> None:
               f"- Against dense models: 1x parameters {final['dense-1x']:.4f}, 2.5x {final['dense-2.5x']:.4f}, "
               f"4x {final['dense-4x']:.4f}. CHERRY reports its 227M recurrent model at 2.934 against 2.926 for a "
               "566M (2.5x) dense model; compare the rec-compressed row with dense-2.5x.",
+              *([f"- At this budget the larger (deeper) dense models are WORSE than the smaller ones "
+                 f"({final['dense-1x']:.4f} < {final['dense-2.5x']:.4f} < {final['dense-4x']:.4f}): {args.steps} steps "
+                 "are too few for depth to pay off, and the recurrent model from scratch (16 unrolled positions) is "
+                 "worse than dense-1x for the same reason. So this run cannot test CHERRY's 'equal loss at 2.5x fewer "
+                 "parameters' claim; it needs budgets where larger dense models win."]
+                if final["dense-1x"] < final["dense-2.5x"] else []),
               f"- The recurrent runs add early-exit losses after positions {exits} (weight 0.1 each); the dense "
               "runs have none.",
+              f"- Budget: rec-compressed also inherits the teacher's {args.teacher_steps} steps (compression "
+              "amortises a dense model that exists anyway, as in CHERRY), so in total compute it has seen "
+              f"{args.teacher_steps + args.steps} steps to everyone else's {args.steps}; its retraining re-reads the "
+              "batches the teacher saw first (same seed and data order).",
               "- Caveats: a tiny CPU-sized teacher trained for few steps, one seed; at this width embeddings are most "
               "of every model's parameters, so parameter multiples are mostly depth differences.",
               "", "## Reproduce", "", "```", "python tools/experiments/depth.py " + " ".join(sys.argv[1:]), "```", "",
