@@ -108,12 +108,11 @@ def main() -> None:
     args = p.parse_args()
     cfg = load_config(args.config, args.overrides)
     from cherry_megatron.data.tokenizer import load_tokenizer
-    from cherry_megatron.model.gpt import flops_per_token, pad_vocab
+    from cherry_megatron.model.gpt import flops_per_token
+    from cherry_megatron.train import resolve_vocab
     from cherry_megatron.metrics import CPU_PEAK_TFLOPS_PER_THREAD
 
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = pad_vocab(load_tokenizer(cfg.data.tokenizer_model).vocab_size,
-                                         cfg.model.make_vocab_size_divisible_by, 1)
+    resolve_vocab(cfg, load_tokenizer(cfg.data.tokenizer_model).vocab_size)
     threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     tokens = cfg.train.global_batch_size * cfg.train.seq_length

@@ -165,11 +165,10 @@ class Selection:
 
 def objective(per_token: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor, anchor: float) -> torch.Tensor:
     """(1 - a) * mean loss over selected positions + a * mean loss over all valid positions."""
-    sel = (per_token * mask).sum() / mask.sum().clamp(min=1)
+    sel = masked_mean(per_token, mask)
     if anchor == 0:
         return sel
-    full = (per_token * valid).sum() / valid.sum().clamp(min=1)
-    return (1 - anchor) * sel + anchor * full
+    return (1 - anchor) * sel + anchor * masked_mean(per_token, valid)
 
 
 def masked_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

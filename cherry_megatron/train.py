@@ -90,14 +90,13 @@ class Trainer:
         lr = self.engine.get_lr()[0]
         total = torch.zeros((), dtype=torch.float64, device=self.layout.device)
         for micro in range(self.data.grad_accum):
-            b = {k: v.to(self.layout.device) for k, v in self.data.micro_batch(step, micro).items()}
+            b = self.batch(step, micro)
             if self.sgt is not None:
-                per_token, mask = self.engine(b["tokens"], b["labels"], select=self.sgt.selection(b, self.sample_key(step, micro)))
+                selection = self.sgt.selection(b, self.data.sample_index(step, micro))
+                per_token, mask = self.engine(b["tokens"], b["labels"], select=selection)
                 loss = sgt.objective(per_token, mask, b["loss_mask"] > 0, self.cfg.sgt.anchor_weight)
             else:
-                per_token = self.engine(b["tokens"], b["labels"])
-                mask = b["loss_mask"]
-                loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+                loss = sgt.masked_mean(self.engine(b["tokens"], b["labels"]), b["loss_mask"])
             self.engine.backward(loss)
             self.engine.step()
             total += loss.detach().double()
@@ -107,17 +106,15 @@ class Trainer:
         norm = self.engine.get_global_grad_norm()
         return total.item(), float(norm) if norm is not None else float("nan"), lr
 
-    def sample_key(self, step: int, micro: int) -> int:
-        """Index of the micro-batch's first sample: the same on all TP ranks, distinct across DP ranks."""
-        return step * self.cfg.train.global_batch_size + (micro * self.layout.dp + self.layout.dp_rank) * self.data.mbs
+    def batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.layout.device) for k, v in self.data.micro_batch(step, micro).items()}
 
     def probe(self, step: int) -> dict:
         """gamma and the supervised/unsupervised losses on this step's first micro-batch, before the update."""
         from megatron.core import parallel_state
 
-        module, key = self.engine.module, self.sample_key(step, 0)
-        b = {k: v.to(self.layout.device) for k, v in self.data.micro_batch(step, 0).items()}
-        sup, unsup = self.sgt.probe_masks(module, b, key)
+        module, b = self.engine.module, self.batch(step, 0)
+        sup, unsup = self.sgt.probe_masks(module, b, self.data.sample_index(step, 0))
         on = lambda m: lambda: sgt.masked_mean(module(b["tokens"], b["labels"]), m)  # noqa: E731
         params = [p for p in module.parameters() if p.requires_grad]
         gamma = sgt.gradient_cosine(on(sup), on(unsup), params, parallel_state.get_tensor_model_parallel_group(),

@@ -82,7 +82,13 @@ def compress(state: dict[str, torch.Tensor], cfg: Config, num_blocks: int, init:
     out = dict(rest)
     for k, block in enumerate(blocks):
         out.update({f"layers.{k}.{name}": t for name, t in block.items()})
-    schedule = [i * num_blocks // n for i in range(n)]
+    rcfg = copy.deepcopy(cfg)
+    r = rcfg.recurrent
+    r.num_blocks, r.schedule, r.lora_rank = num_blocks, [], lora_rank
+    r.iteration_embedding, r.iteration_norms = True, True
+    rcfg.name = f"{cfg.name}-r{num_blocks}"
+    rcfg.model.init_from = ""
+    schedule = r.resolved_schedule(n)
     out["iter_embed"] = torch.zeros(n, cfg.model.hidden_size)
     out["iter_norms"] = torch.stack([torch.stack([layers[i]["attn_norm.weight"], layers[i]["mlp_norm.weight"]])
                                      for i in range(n)]).float()
@@ -94,10 +100,4 @@ def compress(state: dict[str, torch.Tensor], cfg: Config, num_blocks: int, init:
                  for i in range(n)]
         out[f"lora_{p}_A"] = torch.stack([a for a, _ in pairs])
         out[f"lora_{p}_B"] = torch.stack([b for _, b in pairs])
-    rcfg = copy.deepcopy(cfg)
-    r = rcfg.recurrent
-    r.num_blocks, r.schedule, r.lora_rank = num_blocks, [], lora_rank
-    r.iteration_embedding, r.iteration_norms = True, True
-    rcfg.name = f"{cfg.name}-r{num_blocks}"
-    rcfg.model.init_from = ""
     return out, rcfg

@@ -31,8 +31,12 @@ class TrainData:
         self.dataset, _, _ = BlendedMegatronDatasetBuilder(
             GPTDataset, [t.steps * self.gbs, 0, 0], lambda: True, gcfg).build()
 
+    def sample_index(self, step: int, micro: int) -> int:
+        """Global index of the micro-batch's first sample: the same on all TP ranks, distinct across DP ranks."""
+        return step * self.gbs + (micro * self.dp + self.dp_rank) * self.mbs
+
     def micro_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
-        start = step * self.gbs + (micro * self.dp + self.dp_rank) * self.mbs
+        start = self.sample_index(step, micro)
         items = [self.dataset[i] for i in range(start, start + self.mbs)]
         batch = {k: torch.stack([it[k] for it in items]) for k in ("tokens", "labels", "loss_mask")}
         return batch if self.shuffle_seed is None else self._shuffled(batch, start)
