@@ -121,6 +121,20 @@ class SGTConfig:
 
 
 @dataclass
+class MoEEConfig:
+    """Mixture of Efficient Experts (model/moee.py) and multi-token prediction (model/mtp.py)."""
+    num_experts: int = 0  # E; 0: no MoE layers. Each block's MLP becomes E experts behind a router
+    top_k: int = 1  # experts per token
+    ep_size: int = 1  # expert-parallel ranks (deepspeed.moe); divides num_experts and the data-parallel size
+    capacity_factor: float = 0.0  # expert capacity per batch; 0: no token is ever dropped
+    load_balance_weight: float = 0.01  # Switch/GShard auxiliary loss, per routed layer
+    z_loss_weight: float = 0.001  # router z-loss (ST-MoE), per routed layer
+    router_jitter: float = 0.0  # DeepSpeed's multiplicative input jitter while training; 0: off
+    mtp_depth: int = 0  # sequential multi-token-prediction modules (DeepSeek-V3); predicts t+2..t+1+depth
+    mtp_weight: float = 0.1  # weight of the mean MTP loss (megatron-core's default)
+
+
+@dataclass
 class Config:
     name: str = "run"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -129,6 +143,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     recurrent: RecurrentConfig = field(default_factory=RecurrentConfig)
     sgt: SGTConfig = field(default_factory=SGTConfig)
+    moee: MoEEConfig = field(default_factory=MoEEConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -276,6 +291,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key} must be positive, got {getattr(t, key)}")
     validate_recurrent(cfg)
+    validate_moee(cfg, world_size)
     g = cfg.sgt
     if not 0 < g.ratio <= 1:
         raise ConfigError(f"sgt.ratio must be in (0, 1], got {g.ratio}")
@@ -321,6 +337,32 @@ def validate_recurrent(cfg: Config) -> None:
         raise ConfigError("recurrent.exit_loss_weights needs one weight per recurrent.exit_depths entry")
     if r.lora_rank < 0:
         raise ConfigError("recurrent.lora_rank must be >= 0")
+
+
+def validate_moee(cfg: Config, world_size: Optional[int] = None) -> None:
+    e = cfg.moee
+    if e.mtp_depth < 0 or e.mtp_weight < 0:
+        raise ConfigError("moee.mtp_depth and moee.mtp_weight must be >= 0")
+    if not e.num_experts:
+        if e.ep_size != 1 or e.top_k != 1:
+            raise ConfigError("moee.ep_size/top_k are set but moee.num_experts is 0 (no MoE layers)")
+        return
+    if not 1 <= e.top_k <= e.num_experts:
+        raise ConfigError(f"moee.top_k={e.top_k} must lie in 1..moee.num_experts={e.num_experts}")
+    if e.ep_size < 1 or e.num_experts % e.ep_size:
+        raise ConfigError(f"moee.ep_size={e.ep_size} does not divide moee.num_experts={e.num_experts}")
+    if cfg.parallel.zero_stage == 3:
+        raise ConfigError("moee.num_experts > 0 needs parallel.zero_stage <= 2 "
+                          "(DeepSpeed's MoE layers are not supported under ZeRO stage 3)")
+    if e.capacity_factor < 0 or e.load_balance_weight < 0 or e.z_loss_weight < 0 or e.router_jitter < 0:
+        raise ConfigError("moee.capacity_factor, load_balance_weight, z_loss_weight and router_jitter must be >= 0")
+    if cfg.sgt.probe_interval:
+        raise ConfigError("sgt.probe_interval is not supported with MoE layers (expert gradients live on "
+                          "expert-parallel groups)")
+    if world_size is not None:
+        # DeepSpeed's expert groups span all ranks (TP ranks split the routed tokens between them).
+        if world_size % e.ep_size:
+            raise ConfigError(f"moee.ep_size={e.ep_size} does not divide the world size {world_size}")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -81,12 +81,19 @@ def lr_lambda(t):
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on norms (1-D weights), as is standard for Llama-style models."""
+    """No weight decay on norms (1-D weights), as is standard for Llama-style models. Expert weights go to
+    groups of their own (DeepSpeed reduces their gradients over expert-data-parallel ranks only)."""
+    from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
+              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    if any(is_moe_param(p) for p in decay + no_decay):
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    return [g for g in groups if g["params"]]
 
 
 def build_engine(model: torch.nn.Module, cfg: Config, dp: int, device: torch.device):

@@ -74,6 +74,7 @@ def _evaluate(args) -> dict | None:
 
         state, cfg_dict = load_consolidated(args.load)
         cfg = from_dict(cfg_dict)
+        cfg.moee.ep_size = 1  # the consolidated state holds every expert; each rank keeps them all
         stream = token_stream(args.data)
         if int(stream.max()) >= cfg.model.vocab_size:
             raise CheckpointError(f"{args.data} holds token id {int(stream.max())}, beyond the model's vocabulary "

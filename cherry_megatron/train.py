@@ -74,14 +74,19 @@ class Trainer:
         self.metrics = MetricsLogger(run_dir, self.is_logger)
         precision = resolve_precision(cfg.train.precision, layout.device)
         self.peak = peak_tflops(layout.device, precision, cfg.train.peak_tflops) * 1e12 * layout.world
-        self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_length)
+        e = cfg.moee
+        self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_length,
+                                               e.top_k if e.num_experts else 1, e.mtp_depth)
         self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
         self.sgt = sgt.SGT(cfg, layout, layout.device) if cfg.sgt.ratio < 1 else None
         if self.sgt is not None:
             self.flops_per_token -= self.sgt.head_flops_saved(cfg.model)
         self.gamma_sum, self.gamma_n = 0.0, 0
+        self.aux_sums: dict[str, torch.Tensor] = {}
         if self.is_logger:
-            print(f"model {cfg.name}: {parameter_count(cfg)['total']:,} parameters | world {layout.world} = "
+            counts = parameter_count(cfg)
+            active = f" ({counts['active']:,} active per token)" if counts["active"] != counts["total"] else ""
+            print(f"model {cfg.name}: {counts['total']:,} parameters{active} | world {layout.world} = "
                   f"tp {layout.tp} x dp {layout.dp} | zero {cfg.parallel.zero_stage} | {precision} on "
                   f"{layout.device.type} | grad accum {self.data.grad_accum} | run dir {run_dir}", flush=True)
 
@@ -93,11 +98,16 @@ class Trainer:
             b = self.batch(step, micro)
             if self.sgt is not None:
                 selection = self.sgt.selection(b, self.data.sample_index(step, micro))
-                per_token, mask = self.engine(b["tokens"], b["labels"], select=selection)
+                per_token, mask = self.engine(b["tokens"], b["labels"], select=selection, loss_mask=b["loss_mask"])
                 loss = sgt.objective(per_token, mask, b["loss_mask"] > 0, self.cfg.sgt.anchor_weight)
             else:
-                loss = sgt.masked_mean(self.engine(b["tokens"], b["labels"]), b["loss_mask"])
-            self.engine.backward(loss)
+                loss = sgt.masked_mean(self.engine(b["tokens"], b["labels"], loss_mask=b["loss_mask"]), b["loss_mask"])
+            objective = loss
+            # MTP and router losses: in the objective, logged apart, never in `loss` (the next-token loss).
+            for name, (weight, term) in self.engine.module.aux_terms.items():
+                objective = objective + weight * term
+                self.aux_sums[name] = self.aux_sums.get(name, 0.0) + term.detach() / self.data.grad_accum
+            self.engine.backward(objective)
             self.engine.step()
             total += loss.detach().double()
         total /= self.data.grad_accum * self.layout.dp
@@ -193,7 +203,9 @@ class Trainer:
                 tps = window_steps * self.tokens_per_step / window_time
                 self.metrics.log(step, loss=window_loss_sum / window_steps, lr=lr, grad_norm=grad_norm,
                                  tokens_per_s=tps, mfu=tps * self.flops_per_token / self.peak,
-                                 consumed_tokens=step * self.tokens_per_step, step_time_s=window_time / window_steps)
+                                 consumed_tokens=step * self.tokens_per_step, step_time_s=window_time / window_steps,
+                                 **{k: float(v) / window_steps for k, v in self.aux_sums.items()})  # rank 0's
+                self.aux_sums = {}
                 summary.update(loss=window_loss_sum / window_steps, tokens_per_s=tps)
                 window_loss_sum, window_steps, window_time = 0.0, 0, 0.0
             if self.eval_stream is not None and (step % t.eval_interval == 0 or step == t.steps):

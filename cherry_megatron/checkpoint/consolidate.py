@@ -76,6 +76,21 @@ def load_model_states(tag_dir: Path) -> list[dict]:
     return states
 
 
+def load_expert_states(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """Routed experts, which DeepSpeed saves apart from the model states: one file per (layer, global
+    expert id, TP rank), under global-id keys; TP slices merge like the dense MLP's."""
+    import re
+
+    by_rank: dict[str, dict] = {}
+    for f in sorted(tag_dir.glob("layer_*_expert_*_mp_rank_*_model_states.pt")):
+        rank = re.search(r"_mp_rank_(\d+)_model_states", f.name).group(1)
+        try:
+            by_rank.setdefault(rank, {}).update(torch.load(f, map_location="cpu", weights_only=True))
+        except Exception as e:
+            raise CheckpointError(f"cannot read {f} (truncated or not a checkpoint): {str(e).splitlines()[0]}") from None
+    return merge_tp([by_rank[r] for r in sorted(by_rank)]) if by_rank else {}
+
+
 CONSOLIDATED_WEIGHTS, CONSOLIDATED_CONFIG = "model.safetensors", "cherry_config.json"
 
 
@@ -127,8 +142,9 @@ def load_consolidated(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     else:
         sd = merge_tp([s["module"] for s in states])
+        sd.update(load_expert_states(tag_dir))
     # megatron's linear layers save an empty `_extra_state` (None) for Transformer Engine; it carries no weights.
-    return {k: v.float() for k, v in sd.items() if torch.is_tensor(v)}, cfg
+    return {k: v.float() for k, v in sd.items() if torch.is_tensor(v) and not k.endswith("._extra_state")}, cfg
 
 
 def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -138,6 +154,8 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
 
     local = split_tp(state, parallel_state.get_tensor_model_parallel_world_size(),
                      parallel_state.get_tensor_model_parallel_rank())
+    if hasattr(model, "localize_state"):  # routed models keep only this rank's experts
+        local = model.localize_state(local)
     try:
         missing, unexpected = model.load_state_dict(local, strict=False)
     except RuntimeError as e:  # size mismatches

@@ -18,20 +18,26 @@ def parallel_config(tp: int, params_dtype: torch.dtype = torch.float32) -> Model
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig, params_dtype: torch.dtype = torch.float32, num_blocks: int = 0):
+    def __init__(self, cfg: ModelConfig, params_dtype: torch.dtype = torch.float32, num_blocks: int = 0,
+                 mlp_factory=None):
         """`num_blocks` < cfg.num_layers builds fewer blocks for a recurrent model (recurrent.py) that
-        unrolls them to cfg.num_layers positions; init scaling follows the unrolled depth."""
+        unrolls them to cfg.num_layers positions; init scaling follows the unrolled depth.
+        `mlp_factory(block_index)` builds each block's MLP in place of the SwiGLU (moee.py)."""
         super().__init__()
         self.cfg = cfg
         mp = parallel_config(parallel_state.get_tensor_model_parallel_world_size(), params_dtype)
         self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, init_method=normal_init(cfg.init_std),
                                             config=mp)
-        self.layers = nn.ModuleList(Block(cfg, mp) for _ in range(num_blocks or cfg.num_layers))
+        self.layers = nn.ModuleList(Block(cfg, mp, mlp_factory(i) if mlp_factory else None)
+                                    for i in range(num_blocks or cfg.num_layers))
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=params_dtype)
         self.head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, config=mp,
                                          init_method=normal_init(cfg.init_std), bias=False, gather_output=False,
                                          skip_weight_param_allocation=cfg.tie_embeddings)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.mtp = None  # multi-token prediction (mtp.py), attached by model.build_model
+        self.mtp_weight = 0.0
+        self.aux_terms: dict = {}
 
     def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens)
@@ -45,14 +51,28 @@ class GPT(nn.Module):
         out, _ = self.head(h, weight=self.embed.weight if self.cfg.tie_embeddings else None)
         return out
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, select=None):
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, select=None,
+                loss_mask: torch.Tensor | None = None):
         """Vocab-parallel logits without labels; per-token cross-entropy [b, s] with labels.
 
         With `select` (an `sgt.Selection`) returns (per-token losses [b, s], bool mask [b, s]): the
         head and the cross-entropy run only on the selected positions, whose hidden states are
         gathered first; unselected positions hold 0 (unless `select.full_loss`, then all are computed).
+        With `loss_mask` (the training objective) the terms beyond the next-token loss are left in
+        `self.aux_terms` (see `collect_aux`).
         """
-        return self.readout(self.hidden_states(tokens), labels, select)
+        h = self.hidden_states(tokens)
+        out = self.readout(h, labels, select)
+        self.collect_aux(h, labels, loss_mask)
+        return out
+
+    def collect_aux(self, h: torch.Tensor, labels: torch.Tensor | None, loss_mask: torch.Tensor | None) -> None:
+        """`self.aux_terms` = {name: (weight, scalar loss with gradient)} for the trainer to add to the
+        objective and log: here multi-token prediction; routed models add their router losses. Left on
+        the module, as DeepSpeed's MoE leaves `l_aux`, so evaluation calls keep returning bare losses."""
+        self.aux_terms = {}
+        if loss_mask is not None and labels is not None and self.mtp is not None:
+            self.aux_terms["mtp_loss"] = (self.mtp_weight, self.mtp(self, h, labels, loss_mask))
 
     def readout(self, h: torch.Tensor, labels: torch.Tensor | None, select=None, mask: torch.Tensor | None = None):
         """Logits or losses from final hidden states (see `forward`); `mask` reuses an earlier selection."""
@@ -99,11 +119,15 @@ def count_parameters(cfg: ModelConfig) -> dict:
             "head": head, "total": total}
 
 
-def flops_per_token(cfg: ModelConfig, seq_length: int) -> float:
-    """Training FLOPs per token, PaLM's 6N + 12·L·H·S (N: matmul weights, input embedding excluded)."""
+def flops_per_token(cfg: ModelConfig, seq_length: int, experts_per_token: int = 1, mtp_depth: int = 0) -> float:
+    """Training FLOPs per token, PaLM's 6N + 12·L·H·S (N: matmul weights a token passes through, input
+    embedding excluded): a routed MLP counts `experts_per_token` times; each MTP module adds a block,
+    its [h; emb] projection and the output layer."""
     n = count_parameters(cfg)
-    matmul = n["layers"] + cfg.vocab_size * cfg.hidden_size
-    return 6.0 * matmul + 12.0 * cfg.num_layers * cfg.hidden_size * seq_length
+    h = cfg.hidden_size
+    matmul = n["layers"] + (experts_per_token - 1) * cfg.num_layers * 3 * h * cfg.ffn_size + cfg.vocab_size * h
+    matmul += mtp_depth * (n["per_layer"] + 2 * h * h + cfg.vocab_size * h)
+    return 6.0 * matmul + 12.0 * (cfg.num_layers + mtp_depth) * h * seq_length
 
 
 def main(argv=None) -> None:

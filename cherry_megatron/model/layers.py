@@ -118,23 +118,26 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     """Pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, mlp: nn.Module | None = None):
+        """`mlp` replaces the SwiGLU (a routed mixture of experts in model/moee.py)."""
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=mp.params_dtype)
         self.attn = Attention(cfg, mp)
         self.mlp_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=mp.params_dtype)
-        self.mlp = SwiGLU(cfg, mp)
+        self.mlp = mlp if mlp is not None else SwiGLU(cfg, mp)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norms=None, lora=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norms=None, lora=None,
+                mlp=None) -> torch.Tensor:
         """`norms` (attn_weight, mlp_weight) and `lora` ({proj: (A, B)}) override or add to the block's own
-        weights for one iteration of a recurrent model."""
+        weights for one iteration of a recurrent model; `mlp` (a function of the normed stream) replaces
+        the call of the block's MLP."""
         if norms is None:
             a = self.attn_norm(x)
         else:
             a = F.rms_norm(x, x.shape[-1:], norms[0], self.attn_norm.eps)
         x = x + self.attn(a, cos, sin, lora)
         m = self.mlp_norm(x) if norms is None else F.rms_norm(x, x.shape[-1:], norms[1], self.mlp_norm.eps)
-        return x + self.mlp(m, lora)
+        return x + (self.mlp(m, lora) if mlp is None else mlp(m))
 
 
 # How each tensor-parallel weight is split: (dim, stride). Everything else is replicated.
@@ -153,6 +156,11 @@ TP_LAYOUT = {
     "lora_gate_up_B": (1, 2),
     "lora_o_A": (2, 1),
     "lora_down_A": (2, 1),
+    # routed experts (moee.py): the SwiGLU's own layout, and per-position LoRA stacks named after their projection
+    "deepspeed_experts.*.gate_up.weight": (0, 2),
+    "deepspeed_experts.*.down.weight": (1, 1),
+    "gate_up_lora_B": (1, 2),
+    "down_lora_A": (2, 1),
 }
 
 
@@ -166,7 +174,10 @@ def tp_slice(t: torch.Tensor, dim: int, stride: int, tp: int, rank: int) -> torc
 
 
 def tp_layout(name: str):
+    """The (dim, stride) of a parameter name by its suffix in TP_LAYOUT (`*` matches one name part)."""
+    import fnmatch
+
     for suffix, layout in TP_LAYOUT.items():
-        if name == suffix or name.endswith("." + suffix):
+        if name == suffix or fnmatch.fnmatchcase(name, "*." + suffix) or fnmatch.fnmatchcase(name, suffix):
             return layout
     return None

@@ -29,8 +29,10 @@ def lora_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
 
 
 class RecurrentGPT(GPT):
-    def __init__(self, cfg: ModelConfig, rcfg: RecurrentConfig, params_dtype: torch.dtype = torch.float32):
-        super().__init__(cfg, params_dtype, num_blocks=rcfg.num_blocks)
+    def __init__(self, cfg: ModelConfig, rcfg: RecurrentConfig, params_dtype: torch.dtype = torch.float32,
+                 mlp_factory=None, lora_projections=PROJECTIONS):
+        super().__init__(cfg, params_dtype, num_blocks=rcfg.num_blocks, mlp_factory=mlp_factory)
+        self.lora_projections = lora_projections
         self.rcfg = rcfg
         self.schedule = rcfg.resolved_schedule(cfg.num_layers)
         n = len(self.schedule)
@@ -41,7 +43,7 @@ class RecurrentGPT(GPT):
         if rcfg.iteration_norms:
             self.iter_norms = nn.Parameter(torch.ones(n, 2, cfg.hidden_size, dtype=params_dtype))
         r = rcfg.lora_rank
-        for name, (fan_in, fan_out) in lora_shapes(cfg).items() if r else ():
+        for name, (fan_in, fan_out) in [(k, v) for k, v in lora_shapes(cfg).items() if k in lora_projections] if r else ():
             # Full-size tensors from the seeded CPU generator, then this rank's slice: the same model at any TP.
             full = {"A": torch.randn(n, r, fan_in) * cfg.init_std, "B": torch.zeros(n, fan_out, r)}
             for part, t in full.items():
@@ -56,9 +58,13 @@ class RecurrentGPT(GPT):
         if self.rcfg.iteration_embedding:
             x = x + self.iter_embed[i]
         norms = (self.iter_norms[i, 0], self.iter_norms[i, 1]) if self.rcfg.iteration_norms else None
-        lora = {p: (getattr(self, f"lora_{p}_A")[i], getattr(self, f"lora_{p}_B")[i]) for p in PROJECTIONS} \
+        lora = {p: (getattr(self, f"lora_{p}_A")[i], getattr(self, f"lora_{p}_B")[i]) for p in self.lora_projections} \
             if self.rcfg.lora_rank else None
-        return self.layers[self.schedule[i]](x, cos, sin, norms, lora)
+        return self.layers[self.schedule[i]](x, cos, sin, norms, lora, self.mlp_call(i))
+
+    def mlp_call(self, i: int):
+        """What replaces the block's own MLP call at position i (None: the block's MLP with its LoRA)."""
+        return None
 
     def hidden_states(self, tokens: torch.Tensor, depth: int = 0, taps: dict | None = None) -> torch.Tensor:
         """Final-normed hidden states after `depth` positions (0: all); `taps[d]` collects the
@@ -75,14 +81,20 @@ class RecurrentGPT(GPT):
                 taps[i + 1] = x
         return x
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, select=None, depth: int = 0):
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, select=None,
+                loss_mask: torch.Tensor | None = None, depth: int = 0):
         """As the dense model's; `depth` exits early. In training with `recurrent.exit_loss_weights`, each
         exit's per-token loss (same positions as the final one) is added with its weight."""
         weights = self.rcfg.exit_loss_weights
         if labels is None or not self.training or not weights or depth:
-            return self.readout(self.hidden_states(tokens, depth), labels, select)
+            h = self.hidden_states(tokens, depth)
+            out = self.readout(h, labels, select)
+            self.collect_aux(h, labels, loss_mask if not depth else None)
+            return out
         taps = {d: None for d in self.rcfg.exit_depths}
-        out = self.readout(self.hidden_states(tokens, 0, taps), labels, select)
+        h = self.hidden_states(tokens, 0, taps)
+        out = self.readout(h, labels, select)
+        self.collect_aux(h, labels, loss_mask)
         per_token, mask = out if select is not None else (out, None)
         for d, w in zip(self.rcfg.exit_depths, weights):
             early = self.readout(self.norm(taps[d]), labels, select, mask=mask)

@@ -1,0 +1,166 @@
+"""MoEE: fusion exactness, router losses by hand, MTP targets, expert/tensor parallelism, checkpoints."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cherry_megatron import distributed
+from cherry_megatron.checkpoint.consolidate import load_consolidated, load_into, save_consolidated
+from cherry_megatron.config import ConfigError, ParallelConfig, load_config
+from cherry_megatron.fuse.moee import fuse
+from cherry_megatron.metrics import read_metrics
+from cherry_megatron.model import build_model, parameter_count
+from cherry_megatron.model.moee import RoutedMLP
+from cherry_megatron.model.mtp import mtp_targets, next_inputs
+from conftest import run_cli, train
+
+MOEE = ["moee.num_experts=2", "moee.mtp_depth=1"]
+
+
+@pytest.fixture(scope="module")
+def world_of_one():
+    distributed.init(ParallelConfig(tp=1))
+    yield
+    distributed.shutdown()
+
+
+def _model(preset, sets, seed=0):
+    cfg = load_config(preset, ["model.vocab_size=1024", "model.num_layers=4", *sets])
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    with torch.no_grad():  # LoRA B starts at zero; make every per-position part matter
+        for name, p in model.named_parameters():
+            if "lora" in name or "iter_embed" in name:
+                p.normal_(0, 0.02)
+    return cfg, model, {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
+
+
+@pytest.mark.parametrize("preset, sets", [("recurrent-tiny", ["recurrent.num_blocks=2", "recurrent.lora_rank=4"]),
+                                          ("tiny", [])])
+def test_one_expert_top1_is_the_expert_model(world_of_one, preset, sets):
+    cfg, expert, state = _model(preset, sets)
+    fused_state, fused_cfg = fuse([state], [cfg], top_k=1)
+    moee = build_model(fused_cfg)
+    load_into(moee, fused_state, "fused")
+    expert.eval(), moee.eval()
+    tokens, labels = torch.randint(0, 1024, (2, 24)), torch.randint(0, 1024, (2, 24))
+    assert torch.allclose(moee(tokens), expert(tokens), atol=1e-5)
+    assert torch.allclose(moee(tokens, labels), expert(tokens, labels), atol=1e-5)
+    assert parameter_count(fused_cfg)["total"] == sum(p.numel() for p in moee.parameters())
+
+
+def test_two_experts_take_each_models_mlps_and_average_the_rest(world_of_one):
+    cfg, _, a = _model("recurrent-tiny", ["recurrent.num_blocks=2", "recurrent.lora_rank=4"], seed=1)
+    _, _, b = _model("recurrent-tiny", ["recurrent.num_blocks=2", "recurrent.lora_rank=4"], seed=2)
+    fused, fcfg = fuse([a, b], [cfg, cfg], top_k=2)
+    e = "mlp.deepspeed_moe.experts.deepspeed_experts"
+    assert torch.equal(fused[f"layers.1.{e}.1.down.weight"], b["layers.1.mlp.down.weight"])
+    # block 1 runs positions 2 and 3 of 4: its experts keep those positions' MLP LoRA
+    assert torch.equal(fused[f"layers.1.{e}.0.gate_up_lora_A"], a["lora_gate_up_A"][2:4])
+    assert torch.allclose(fused["layers.0.attn.q.weight"], (a["layers.0.attn.q.weight"] + b["layers.0.attn.q.weight"]) / 2)
+    assert fused["layers.0.mlp.deepspeed_moe.gate.wg.weight"].shape == (2, cfg.model.hidden_size)
+    counts = parameter_count(fcfg)
+    assert counts["active"] == counts["total"]  # top-2 of 2
+    with pytest.raises(ConfigError, match="differs from expert 0"):
+        fuse([a, b], [cfg, load_config("recurrent-tiny", ["model.vocab_size=1024", "model.num_layers=4"])])
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_router_losses_match_a_hand_computation(world_of_one, k):
+    cfg = load_config("tiny", ["model.vocab_size=1024", "moee.num_experts=4", f"moee.top_k={k}"])
+    torch.manual_seed(0)
+    layer = RoutedMLP(cfg.model, cfg.moee, positions=1, lora_rank=0, dtype=torch.float32)
+    x = torch.randn(1, 10, cfg.model.hidden_size)
+    with torch.no_grad():
+        layer.deepspeed_moe.gate.wg.weight.normal_(0, 1.0)  # decided routing, unequal loads
+    _, l_aux, z = layer.route(x, 0)
+    logits = x[0] @ layer.deepspeed_moe.gate.wg.weight.T
+    gates = logits.softmax(-1)
+    first_choice = F.one_hot(gates.argmax(-1), 4).float()
+    # GShard/Switch: E * sum_e (mean router probability of e) * (share of tokens whose first choice is e)
+    assert l_aux.item() == pytest.approx(4 * (gates.mean(0) * first_choice.mean(0)).sum().item(), rel=1e-5)
+    assert z.item() == pytest.approx((torch.logsumexp(logits, -1) ** 2).mean().item(), rel=1e-5)
+
+
+def test_routed_model_reports_summed_router_losses_only_for_training(world_of_one):
+    cfg, model, _ = _model("tiny", MOEE)
+    tokens, labels = torch.randint(0, 1024, (2, 16)), torch.randint(0, 1024, (2, 16))
+    model(tokens, labels)
+    assert model.aux_terms == {}  # evaluation: the next-token loss alone
+    model(tokens, labels, loss_mask=torch.ones(2, 16))
+    assert set(model.aux_terms) == {"mtp_loss", "load_balance_loss", "router_z_loss"}
+    assert len(model.routing) == 4  # one routed call per layer, summed
+    lb = sum(r[0] for r in model.routing)
+    assert model.aux_terms["load_balance_loss"][1].item() == pytest.approx(lb.item())
+    assert model.aux_terms["load_balance_loss"][0] == cfg.moee.load_balance_weight
+    assert model.aux_terms["mtp_loss"][0] == cfg.moee.mtp_weight == 0.1
+    sum(w * t for w, t in model.aux_terms.values()).backward()
+    assert model.mtp.depths[0].proj.weight.grad.abs().sum() > 0
+    assert model.layers[0].mlp.deepspeed_moe.gate.wg.weight.grad.abs().sum() > 0
+
+
+def test_mtp_targets_shift_and_stop_at_sequence_end_and_document_end():
+    eod = 0
+    labels = torch.tensor([[6, 7, eod, 9, 10, 11, 12]])  # tokens 5 6 7 EOD 9 10 11, shifted by one
+    loss_mask = (labels != eod).float()  # what GPTDataset gives with eod_mask_loss
+    t1, m1 = mtp_targets(labels, loss_mask, 1)
+    assert t1[0, :6].tolist() == [7, eod, 9, 10, 11, 12]
+    # position 0 (token 5) -> token 7: same document; position 1 would predict EOD (masked); position 2
+    # (token 7) -> token 9 crosses the document end; the last position has no token j+2 in the sequence
+    assert m1[0].tolist() == [True, False, False, True, True, True, False]
+    t2, m2 = mtp_targets(labels, loss_mask, 2)
+    assert t2[0, :5].tolist() == [eod, 9, 10, 11, 12]
+    assert m2[0].tolist() == [False, False, False, True, True, False, False]
+    assert next_inputs(labels, 1).equal(labels) and next_inputs(labels, 2)[0].tolist() == [7, eod, 9, 10, 11, 12, 0]
+    no_eod_mask = torch.ones_like(loss_mask)  # EOD mask off: documents run into each other, as the main loss does
+    assert mtp_targets(labels, no_eod_mask, 1)[1][0].tolist() == [True] * 6 + [False]
+
+
+def test_bad_moee_configs():
+    for sets, message in [(["moee.num_experts=3", "moee.ep_size=2"], "does not divide moee.num_experts"),
+                          (["moee.num_experts=2", "moee.top_k=3"], "must lie in 1..moee.num_experts"),
+                          (["moee.num_experts=2", "parallel.zero_stage=3"], "ZeRO stage 3"),
+                          (["moee.ep_size=2"], "moee.num_experts is 0")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config("tiny", sets)
+
+
+def _losses(run_dir, key="loss"):
+    return {r["step"]: r[key] for r in read_metrics(run_dir) if r.get(key) is not None}
+
+
+@pytest.mark.slow
+def test_expert_and_tensor_parallel_give_the_same_curve(corpus, tmp_path):
+    """ep_size=2 (one expert per rank) and TP=2 against ep_size=1 on 2 data-parallel ranks."""
+    train(tmp_path / "ep1", MOEE, nproc=2)
+    train(tmp_path / "ep2", MOEE + ["moee.ep_size=2"], nproc=2)
+    train(tmp_path / "tp2", MOEE + ["parallel.tp=2"], nproc=2)
+    base = _losses(tmp_path / "ep1")
+    assert len(base) >= 3 and _losses(tmp_path / "ep1", "mtp_loss")
+    for run in ("ep2", "tp2"):
+        other = _losses(tmp_path / run)
+        assert other.keys() == base.keys()
+        for step in base:
+            assert other[step] == pytest.approx(base[step], rel=1e-4), (run, step)
+        assert _losses(tmp_path / run, "grad_norm")[6] == pytest.approx(_losses(tmp_path / "ep1", "grad_norm")[6], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_moee_checkpoint_saves_resumes_and_converts(corpus, tmp_path):
+    sets = MOEE + ["moee.ep_size=2"]
+    train(tmp_path / "full", sets, nproc=2)
+    train(tmp_path / "resumed", sets + ["train.exit_at_step=3"], nproc=2)
+    proc = train(tmp_path / "resumed", sets, nproc=2)
+    assert "start_step=3" in proc.stdout
+    assert _losses(tmp_path / "resumed") == _losses(tmp_path / "full")
+    # convert: DeepSpeed layout (experts split over 2 ranks) -> one safetensors file -> a 1-process model
+    state, cfg = load_consolidated(tmp_path / "full")
+    assert sum(".deepspeed_experts." in k for k in state) == 2 * 2 * 2  # layers x experts x (gate_up, down)
+    save_consolidated(tmp_path / "export", state, cfg)
+    proc = run_cli(["-m", "cherry_megatron.evaluate", "--load", str(tmp_path / "export"), "--data",
+                    "data/tokens/heldout_text_document", "--seq-length", "64", "--max-tokens", "1024"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loss = json.loads(proc.stdout.splitlines()[-1])["loss"]
+    assert math.isfinite(loss) and loss == pytest.approx(_losses(tmp_path / "full", "eval_loss")[6], rel=1e-5)
