@@ -63,7 +63,10 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # same seed on every rank: TP slices of one master weight
         model = build_model(cfg)
         if cfg.model.init_from:
-            load_into(model, load_consolidated(cfg.model.init_from)[0], f"model.init_from={cfg.model.init_from}")
+            state = load_consolidated(cfg.model.init_from)[0]
+            # MTP modules added to a model trained without them start from their initialisation.
+            fresh = ("mtp.",) if cfg.moee.mtp_depth and not any(k.startswith("mtp.") for k in state) else ()
+            load_into(model, state, f"model.init_from={cfg.model.init_from}", fresh)
         self.engine, self.ds_config = build_engine(model, cfg, layout.dp, layout.device)
         cache = cfg.data.cache_dir or str(run_dir / "data_cache")
         self.data = TrainData(cfg, tokenizer, layout.dp_rank, layout.dp, cache)

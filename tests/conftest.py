@@ -57,3 +57,14 @@ def train(run_dir: Path, sets: list[str] = (), nproc: int = 1, config: str = "ti
 
 def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
     return [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+
+
+@pytest.fixture(scope="module")
+def world_of_one():
+    """This process as a world of one (TP=1) for in-process model tests."""
+    from cherry_megatron import distributed
+    from cherry_megatron.config import ParallelConfig
+
+    distributed.init(ParallelConfig(tp=1))
+    yield
+    distributed.shutdown()

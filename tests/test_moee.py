@@ -6,9 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cherry_megatron import distributed
 from cherry_megatron.checkpoint.consolidate import load_consolidated, load_into, save_consolidated
-from cherry_megatron.config import ConfigError, ParallelConfig, load_config
+from cherry_megatron.config import ConfigError, load_config
 from cherry_megatron.fuse.moee import fuse
 from cherry_megatron.metrics import read_metrics
 from cherry_megatron.model import build_model, parameter_count
@@ -17,13 +16,6 @@ from cherry_megatron.model.mtp import mtp_targets, next_inputs
 from conftest import run_cli, train
 
 MOEE = ["moee.num_experts=2", "moee.mtp_depth=1"]
-
-
-@pytest.fixture(scope="module")
-def world_of_one():
-    distributed.init(ParallelConfig(tp=1))
-    yield
-    distributed.shutdown()
 
 
 def _model(preset, sets, seed=0):
@@ -101,6 +93,18 @@ def test_routed_model_reports_summed_router_losses_only_for_training(world_of_on
     assert model.layers[0].mlp.deepspeed_moe.gate.wg.weight.grad.abs().sum() > 0
 
 
+def test_experts_get_optimizer_groups_of_their_own(world_of_one):
+    from cherry_megatron.engine import param_groups
+
+    _, model, _ = _model("tiny", MOEE)
+    groups = param_groups(model, 0.1)
+    experts = {id(p) for n, p in model.named_parameters() if ".deepspeed_experts." in n}
+    moe = [g for g in groups if g.get("moe")]
+    assert moe and {id(p) for g in moe for p in g["params"]} == experts
+    assert not experts & {id(p) for g in groups if not g.get("moe") for p in g["params"]}
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
 def test_mtp_targets_shift_and_stop_at_sequence_end_and_document_end():
     eod = 0
     labels = torch.tensor([[6, 7, eod, 9, 10, 11, 12]])  # tokens 5 6 7 EOD 9 10 11, shifted by one
@@ -133,10 +137,10 @@ def _losses(run_dir, key="loss"):
 
 @pytest.mark.slow
 def test_expert_and_tensor_parallel_give_the_same_curve(corpus, tmp_path):
-    """ep_size=2 (one expert per rank) and TP=2 against ep_size=1 on 2 data-parallel ranks."""
+    """ep_size=2 (one expert per rank) and TP=2 (TP-split experts, ZeRO-2) against ep_size=1 on 2 data-parallel ranks."""
     train(tmp_path / "ep1", MOEE, nproc=2)
     train(tmp_path / "ep2", MOEE + ["moee.ep_size=2"], nproc=2)
-    train(tmp_path / "tp2", MOEE + ["parallel.tp=2"], nproc=2)
+    train(tmp_path / "tp2", MOEE + ["parallel.tp=2", "parallel.zero_stage=2"], nproc=2)
     base = _losses(tmp_path / "ep1")
     assert len(base) >= 3 and _losses(tmp_path / "ep1", "mtp_loss")
     for run in ("ep2", "tp2"):
@@ -164,3 +168,35 @@ def test_moee_checkpoint_saves_resumes_and_converts(corpus, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     loss = json.loads(proc.stdout.splitlines()[-1])["loss"]
     assert math.isfinite(loss) and loss == pytest.approx(_losses(tmp_path / "full", "eval_loss")[6], rel=1e-5)
+
+
+def test_moee_preset_counts_by_hand():
+    counts = parameter_count(load_config("moee-2x6l"))
+    mlp = 6 * 3 * 1280 * 3520  # one expert's MLPs over the 6 blocks
+    mtp = 18_434_560 + 2 * 1280 * 1280 + 3 * 1280  # a block, the [h; emb] projection, three norms
+    assert counts["total"] == 226_082_560 + mlp + 6 * 2 * 1280 + mtp
+    assert counts["active"] == counts["total"] - mlp  # top-1 of 2
+
+
+@pytest.mark.slow
+def test_build_moee_from_checkpoints_of_different_tp_trains_with_expert_parallelism(corpus, tmp_path):
+    sets = ["recurrent.num_blocks=1", "recurrent.lora_rank=4", "recurrent.exit_depths=[]", "train.lr=0"]  # lr 0: both hold the initial weights
+    train(tmp_path / "tp1", sets, config="recurrent-tiny")
+    train(tmp_path / "tp2", sets + ["parallel.tp=2"], config="recurrent-tiny", nproc=2)
+    proc = run_cli(["tools/build_moee.py", "--experts", str(tmp_path / "tp1"), str(tmp_path / "tp2"), "--output",
+                    str(tmp_path / "moee"), "--top-k", "2", "--eval-tokens", "1024"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "active per token" in proc.stdout and out["params_active"] == out["params_total"]
+    # identical experts under any router: the fused model is each expert's model
+    assert out["heldout_loss_moee"] == pytest.approx(out["heldout_loss_experts"][0], rel=1e-5)
+    assert out["heldout_loss_experts"][0] == pytest.approx(out["heldout_loss_experts"][1], rel=1e-5)
+    proc = run_cli(["-m", "cherry_megatron.train", "--config", str(tmp_path / "moee/config.yaml"), "--run-dir",
+                    str(tmp_path / "run"), "--set", "train.steps=2", "train.log_interval=1", "train.eval_interval=2",
+                    "train.micro_batch_size=2", "train.global_batch_size=4", "train.seq_length=64",
+                    "train.eval_tokens=1024", "moee.ep_size=2", "moee.mtp_depth=1"], nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evals = _losses(tmp_path / "run", "eval_loss")
+    assert evals[0] == pytest.approx(out["heldout_loss_moee"], rel=1e-5)  # same model, loaded over 2 expert ranks
+    assert run_cli(["tools/build_moee.py", "--experts", str(tmp_path / "tp1"), "--output", str(tmp_path / "moee"),
+                    ]).returncode == 2  # refuses to overwrite

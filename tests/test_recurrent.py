@@ -6,21 +6,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cherry_megatron import distributed
 from cherry_megatron.checkpoint.consolidate import load_into
 from cherry_megatron.compress.depth import PROJ_WEIGHTS, compress, shared_blocks
-from cherry_megatron.config import ConfigError, ParallelConfig, load_config
+from cherry_megatron.config import ConfigError, load_config
 from cherry_megatron.metrics import read_metrics
 from cherry_megatron.model import build_model, parameter_count
 from cherry_megatron.model.gpt import GPT
 from conftest import run_cli, train
-
-
-@pytest.fixture(scope="module")
-def world_of_one():
-    distributed.init(ParallelConfig(tp=1))
-    yield
-    distributed.shutdown()
 
 
 def _dense(layers=4):

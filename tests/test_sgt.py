@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from cherry_megatron import distributed
-from cherry_megatron.config import ParallelConfig, load_config
+from cherry_megatron.config import load_config
 from cherry_megatron.errors import ConfigError
 from cherry_megatron.metrics import read_metrics
 from cherry_megatron.model.gpt import GPT
@@ -14,13 +13,6 @@ from cherry_megatron.payload import is_function_piece
 from cherry_megatron.sgt import (FrequencyPolicy, LossPolicy, RandomPolicy, Selection, gradient_cosine, objective,
                                  select_top, selected_count)
 from conftest import train
-
-
-@pytest.fixture(scope="module")
-def world_of_one():
-    distributed.init(ParallelConfig(tp=1))
-    yield
-    distributed.shutdown()
 
 
 def _valid(b, s, seed=0):

@@ -7,7 +7,8 @@ Each CKPT is a run dir, DeepSpeed checkpoint or consolidated dir of a recurrent 
 TP degree; all share one shape. DIR receives model.safetensors, cherry_config.json and config.yaml;
 train it with
     python -m cherry_megatron.train --config DIR/config.yaml --run-dir RUN [--set moee.mtp_depth=1 ...]
-Prints the parameter table (stored vs active per token) and, with held-out data, each expert's
+The config is expert 0's (its data and training settings included): set what the MoEE run should
+differ in with --set. Prints the parameter table (stored vs active per token) and, with held-out data, each expert's
 held-out loss and the fused model's right after fusion.
 """
 from __future__ import annotations

@@ -147,9 +147,10 @@ def load_consolidated(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return {k: v.float() for k, v in sd.items() if torch.is_tensor(v) and not k.endswith("._extra_state")}, cfg
 
 
-def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, fresh: tuple[str, ...] = ()) -> None:
     """Load a full (TP=1) state dict into this rank's slice of `model`; a checkpoint of another model
-    shape is one clear error, not a traceback."""
+    shape is one clear error, not a traceback. Parameters under the `fresh` prefixes may be missing
+    from the checkpoint (modules added for this run, e.g. MTP); they keep their initialisation."""
     from megatron.core import parallel_state
 
     local = split_tp(state, parallel_state.get_tensor_model_parallel_world_size(),
@@ -161,6 +162,6 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
     except RuntimeError as e:  # size mismatches
         detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e).splitlines()[0])
         raise CheckpointError(f"{source} is a checkpoint of another model shape: {detail}") from None
-    missing = [k for k in missing if not k.endswith("_extra_state")]
+    missing = [k for k in missing if not k.endswith("_extra_state") and not k.startswith(fresh)]
     if missing or unexpected:
         raise CheckpointError(f"{source} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")

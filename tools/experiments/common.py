@@ -1,6 +1,7 @@
 """What the experiment tools share: run the real trainer for a named run, resumably."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -24,3 +25,34 @@ def run(name: str, run_dir: Path, config: str, steps: int, sets: list[str]) -> l
     if proc.returncode != 0:
         sys.exit(f"[{name}] failed:\n{proc.stderr[-3000:]}")
     return read_metrics(run_dir)
+
+
+def add_compression_args(p, teacher_steps: int = 150, steps: int = 100) -> None:
+    """The dense teacher -> compressed recurrent model options the depth and MoEE experiments share."""
+    p.add_argument("--dense-layers", type=int, default=16)
+    p.add_argument("--blocks", type=int, default=2)
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--teacher-steps", type=int, default=teacher_steps)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--seq-length", type=int, default=128)
+
+
+def common_sets(seq_length: int) -> list[str]:
+    return [f"train.seq_length={seq_length}", "train.eval_tokens=0", "train.eval_interval=25", "train.log_interval=10"]
+
+
+def teacher_and_compressed(runs: Path, args) -> tuple[Path, Path, dict]:
+    """(teacher run dir, compressed model dir, tools/compress_depth.py's JSON): the dense teacher trained on
+    the shipped corpus, then compressed to --blocks shared blocks with SVD LoRA; both resumable."""
+    teacher = runs / "teacher"
+    run("teacher", teacher, "tiny", args.teacher_steps, common_sets(args.seq_length) + [
+        f"model.num_layers={args.dense_layers}", f"train.save_interval={args.teacher_steps}"])
+    compressed = runs / "compressed"
+    if not compressed.exists():
+        proc = subprocess.run([sys.executable, "tools/compress_depth.py", "--load", str(teacher), "--target-layers",
+                               str(args.blocks), "--lora-rank", str(args.lora_rank), "--output", str(compressed),
+                               "--eval-tokens", "0"], cwd=ROOT, env=child_env(), capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(proc.stderr[-3000:])
+        (runs / "compress.json").write_text(proc.stdout.strip().splitlines()[-1])
+    return teacher, compressed, json.loads((runs / "compress.json").read_text())

@@ -15,17 +15,14 @@ Writes reports/depth.md and reports/depth.png.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from cherry_megatron.config import load_config  # noqa: E402
-from cherry_megatron.distributed import child_env  # noqa: E402
 from cherry_megatron.model import parameter_count  # noqa: E402
-from tools.experiments.common import run  # noqa: E402
+from tools.experiments.common import add_compression_args, common_sets, run, teacher_and_compressed  # noqa: E402
 
 
 def evals(rows: list[dict]) -> dict:
@@ -59,30 +56,13 @@ def plot(curves: dict, path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dense-layers", type=int, default=16)
-    p.add_argument("--blocks", type=int, default=2)
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--teacher-steps", type=int, default=150)
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--seq-length", type=int, default=128)
+    add_compression_args(p)
     p.add_argument("--runs", default="runs/experiments/depth")
     p.add_argument("--out", default="reports")
     args = p.parse_args()
     runs, out = Path(args.runs), Path(args.out)
-    common = [f"train.seq_length={args.seq_length}", "train.eval_tokens=0", "train.eval_interval=25",
-              "train.log_interval=10"]
-    teacher = runs / "teacher"
-    run("teacher", teacher, "tiny", args.teacher_steps,
-        common + [f"model.num_layers={args.dense_layers}", f"train.save_interval={args.teacher_steps}"])
-    compressed = runs / "compressed"
-    if not compressed.exists():
-        proc = subprocess.run([sys.executable, "tools/compress_depth.py", "--load", str(teacher), "--target-layers",
-                               str(args.blocks), "--lora-rank", str(args.lora_rank), "--output", str(compressed),
-                               "--eval-tokens", "0"], cwd=ROOT, env=child_env(), capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.exit(proc.stderr[-3000:])
-        (runs / "compress.json").write_text(proc.stdout.strip().splitlines()[-1])
-    comp = json.loads((runs / "compress.json").read_text())
+    common = common_sets(args.seq_length)
+    teacher, compressed, comp = teacher_and_compressed(runs, args)
     rec_cfg = str(compressed / "config.yaml")
     steps_sets = common + [f"train.save_interval={args.steps}", f"train.warmup_steps={max(1, args.steps // 10)}"]
     # Early exits every quarter of the unrolled depth, lightly weighted, so bench/recurrent_exit.py has exits to use.
