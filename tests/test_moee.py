@@ -200,3 +200,18 @@ def test_build_moee_from_checkpoints_of_different_tp_trains_with_expert_parallel
     assert evals[0] == pytest.approx(out["heldout_loss_moee"], rel=1e-5)  # same model, loaded over 2 expert ranks
     assert run_cli(["tools/build_moee.py", "--experts", str(tmp_path / "tp1"), "--output", str(tmp_path / "moee"),
                     ]).returncode == 2  # refuses to overwrite
+
+
+def test_sgt_selects_for_the_next_token_loss_while_mtp_sees_every_valid_position(world_of_one):
+    from cherry_megatron.sgt import RandomPolicy, Selection
+
+    _, model, _ = _model("tiny", ["moee.mtp_depth=1"])
+    tokens, labels = torch.randint(0, 1024, (2, 16)), torch.randint(0, 1024, (2, 16))
+    valid = torch.ones(2, 16, dtype=torch.bool)
+    select = Selection(RandomPolicy(1), 0.25, "sequence", labels, valid, key=0)
+    per_token, mask = model(tokens, labels, select=select, loss_mask=valid.float())
+    assert mask.sum() == 8 and (per_token[~mask] == 0).all()
+    with_sgt = model.aux_terms["mtp_loss"][1]
+    model(tokens, labels, loss_mask=valid.float())
+    # the MTP loss does not depend on which positions SGT picked for the next-token loss
+    assert torch.isfinite(with_sgt) and with_sgt.item() == pytest.approx(model.aux_terms["mtp_loss"][1].item(), rel=1e-6)
