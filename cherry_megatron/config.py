@@ -89,6 +89,7 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 on GPUs that have it, fp32 elsewhere; or fp32/bf16/fp16
     peak_tflops: float = 0.0  # per process, for MFU; 0: looked up for the device
     threads: int = 0  # torch threads per process; 0: cores / local processes
+    activation_checkpointing: int = 0  # recompute activations in backward: 0 none, 1 every layer, n every n-th
 
 
 @dataclass
@@ -154,7 +155,7 @@ SGT_POLICIES = ("random", "frequency", "loss", "excess", "payload")
 # Keys a resumed run may change without it being a different run.
 RESUMABLE_KEYS = {"train.steps", "train.exit_at_step", "train.log_interval", "train.eval_interval",
                   "train.save_interval", "train.eval_tokens", "train.threads", "train.peak_tflops",
-                  "data.cache_dir", "parallel.backend", "sgt.probe_interval"}
+                  "data.cache_dir", "parallel.backend", "sgt.probe_interval", "train.activation_checkpointing"}
 
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:
@@ -282,8 +283,23 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         raise ConfigError(f"parallel.tp={p.tp} does not divide model.ffn_hidden_size={m.ffn_size}")
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
-    if p.pp != 1:
-        raise ConfigError("parallel.pp > 1 is not supported yet (pipeline parallelism is a later issue)")
+    if p.pp < 1:
+        raise ConfigError(f"parallel.pp must be >= 1, got {p.pp}")
+    if p.pp > 1 and p.zero_stage > 1:
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage} with parallel.pp={p.pp}: DeepSpeed's pipeline engine "
+                          "supports ZeRO stage 0 or 1 only")
+    if p.pp > 1:
+        unsupported = {"recurrent.num_blocks": cfg.recurrent.num_blocks, "moee.num_experts": cfg.moee.num_experts,
+                       "moee.mtp_depth": cfg.moee.mtp_depth, "model.tie_embeddings": m.tie_embeddings,
+                       "sgt.ratio < 1": cfg.sgt.ratio < 1}
+        for key, on in unsupported.items():
+            if on:
+                raise ConfigError(f"parallel.pp={p.pp} does not support {key} yet (dense models only)")
+        if m.num_layers < p.pp:
+            raise ConfigError(f"parallel.pp={p.pp} is more stages than model.num_layers={m.num_layers}")
+    if t.activation_checkpointing < 0:
+        raise ConfigError(f"train.activation_checkpointing must be 0 (off) or n >= 1 (every n-th layer), "
+                          f"got {t.activation_checkpointing}")
     if t.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, got '{t.precision}'")
     for key in ("steps", "micro_batch_size", "global_batch_size", "seq_length", "log_interval",

@@ -111,6 +111,29 @@ def init(parallel: ParallelConfig, timeout_s: int = 600) -> Layout:
                   dp=parallel_state.get_data_parallel_world_size(), device=device)
 
 
+def topology(parallel: ParallelConfig, world: int):
+    """DeepSpeed's (pipe, data, model) topology for this layout. megatron-core's default rank order
+    (tp fastest, then dp, then pp) is the same order, so one rank has the same TP/DP/PP peers in both;
+    `check_topology` asserts it on a live world."""
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    return PipeModelDataParallelTopology(num_pp=parallel.pp, num_mp=parallel.tp, num_dp=world // (parallel.tp * parallel.pp))
+
+
+def check_topology(topo) -> None:
+    """Raise unless megatron's TP, DP and PP groups of this rank are DeepSpeed's model, data and pipe groups."""
+    from megatron.core import parallel_state as ps
+
+    rank = dist.get_rank()
+    ours = {"model": ps.get_tensor_model_parallel_group(), "data": ps.get_data_parallel_group(),
+            "pipe": ps.get_pipeline_model_parallel_group()}
+    for axis, group in ours.items():
+        theirs = next(ranks for ranks in topo.get_axis_comm_lists(axis) if rank in ranks)
+        mine = dist.get_process_group_ranks(group)
+        if sorted(mine) != sorted(theirs):
+            raise RuntimeError(f"rank {rank}: megatron's {axis} group {mine} is not DeepSpeed's {theirs}")
+
+
 def shutdown() -> None:
     from megatron.core import parallel_state
 

@@ -105,6 +105,10 @@ def build_engine(model: torch.nn.Module, cfg: Config, dp: int, device: torch.dev
     scheduler = None
     if "scheduler" not in ds_cfg:
         scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train))  # noqa: E731
+    from deepspeed.pipe import PipelineModule
+
+    # A PipelineModule brings its own grid (the same rank order as megatron's, distributed.check_topology).
+    mpu = None if isinstance(model, PipelineModule) else MegatronMPU()
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
-                                           config=ds_cfg, mpu=MegatronMPU(), lr_scheduler=scheduler)
+                                           config=ds_cfg, mpu=mpu, lr_scheduler=scheduler)
     return engine, ds_cfg

@@ -61,12 +61,20 @@ class Trainer:
         self.cfg, self.run_dir, self.layout = cfg, run_dir, layout
         self.dp_group = parallel_state.get_data_parallel_group()
         torch.manual_seed(cfg.train.seed)  # same seed on every rank: TP slices of one master weight
-        model = build_model(cfg)
-        if cfg.model.init_from:
-            state = load_consolidated(cfg.model.init_from)[0]
-            # MTP modules added to a model trained without them start from their initialisation.
-            fresh = ("mtp.",) if cfg.moee.mtp_depth and not any(k.startswith("mtp.") for k in state) else ()
-            load_into(model, state, f"model.init_from={cfg.model.init_from}", fresh)
+        state = load_consolidated(cfg.model.init_from)[0] if cfg.model.init_from else None
+        self.pipeline = cfg.parallel.pp > 1
+        if self.pipeline:
+            from cherry_megatron.model.pipeline import build_pipeline
+
+            topology = distributed.topology(cfg.parallel, layout.world)
+            distributed.check_topology(topology)
+            model = build_pipeline(cfg, topology, state)
+        else:
+            model = build_model(cfg)
+            if state is not None:
+                # MTP modules added to a model trained without them start from their initialisation.
+                fresh = ("mtp.",) if cfg.moee.mtp_depth and not any(k.startswith("mtp.") for k in state) else ()
+                load_into(model, state, f"model.init_from={cfg.model.init_from}", fresh)
         self.engine, self.ds_config = build_engine(model, cfg, layout.dp, layout.device)
         cache = cfg.data.cache_dir or str(run_dir / "data_cache")
         self.data = TrainData(cfg, tokenizer, layout.dp_rank, layout.dp, cache)
@@ -96,6 +104,11 @@ class Trainer:
     def step(self, step: int) -> tuple[float, float, float]:
         """One optimizer step over all micro-batches: (mean loss over DP, grad norm, lr used)."""
         lr = self.engine.get_lr()[0]
+        if self.pipeline:  # DeepSpeed's schedule runs the micro-batches; its loss is averaged over them and DP
+            batches = [self.batch(step, m) for m in range(self.data.grad_accum)]
+            loss = self.engine.train_batch(iter([(b["tokens"], (b["labels"], b["loss_mask"])) for b in batches]))
+            norm = self.engine.get_global_grad_norm()
+            return float(loss), float(norm) if norm is not None else float("nan"), lr
         total = torch.zeros((), dtype=torch.float64, device=self.layout.device)
         for micro in range(self.data.grad_accum):
             b = self.batch(step, micro)
@@ -159,12 +172,44 @@ class Trainer:
     def evaluate(self) -> float:
         from cherry_megatron.evaluate import window_loss
 
+        if self.pipeline:
+            return self._evaluate_pipeline()
         self.engine.eval()
         loss, _ = window_loss(lambda x, y: self.engine(x, y), self.eval_stream, self.cfg.train.seq_length,
                               self.cfg.train.eval_tokens, self.cfg.train.micro_batch_size, self.layout.device,
                               self.layout.dp_rank, self.layout.dp, self.dp_group)
         self.engine.train()
         return loss
+
+    def _evaluate_pipeline(self) -> float:
+        """`evaluate.window_loss`'s windows through the pipeline: padded to full micro-batches of full
+        windows (padding masked out), the same number on every DP rank."""
+        from cherry_megatron.evaluate import windows
+        from cherry_megatron.model.pipeline import eval_sums, train_loss
+
+        t, mbs, dp = self.cfg.train, self.cfg.train.micro_batch_size, self.layout.dp
+        every = windows(len(self.eval_stream), t.seq_length, t.eval_tokens)
+        n_micro = -(-len(every[0::dp]) // mbs)
+        mine = every[self.layout.dp_rank::dp]
+        dev, batches = self.layout.device, []
+        for i in range(n_micro):
+            tokens = torch.zeros(mbs, t.seq_length + 1, dtype=torch.int64)
+            mask = torch.zeros(mbs, t.seq_length)
+            for j, (start, n) in enumerate(mine[i * mbs:(i + 1) * mbs]):
+                tokens[j, :n + 1] = torch.from_numpy(self.eval_stream[start:start + n + 1].astype("int64"))
+                mask[j, :n] = 1
+            batches.append((tokens[:, :-1].to(dev), (tokens[:, 1:].to(dev), mask.to(dev))))
+        module = self.engine.module
+        module.loss_fn = eval_sums
+        # eval_batch adds into the loss its last train_batch left (a scalar); train_batch starts from None.
+        self.engine.total_loss = None
+        try:
+            out = self.engine.eval_batch(iter(batches), num_micro_batches=n_micro, bcast_loss=False)
+        finally:
+            module.loss_fn = train_loss
+        sums = out.double() if self.engine.is_last_stage() else torch.zeros(2, dtype=torch.float64, device=dev)
+        dist.all_reduce(sums, group=self.engine.grid.get_pipe_parallel_group())  # to every stage
+        return (sums[0] / sums[1]).item()
 
     def save(self, step: int) -> None:
         client = {"step": step, "consumed_samples": step * self.cfg.train.global_batch_size,

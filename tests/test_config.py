@@ -54,3 +54,9 @@ def test_layout_checks_need_world_size():
     with pytest.raises(ConfigError, match="global_batch_size"):
         validate(load_config("tiny", ["train.global_batch_size=12"]), world_size=4)
     validate(cfg, world_size=4)
+
+
+def test_pipeline_with_zero_2_or_3_is_refused_at_config_time():
+    for stage in (2, 3):
+        with pytest.raises(ConfigError, match="pipeline engine supports ZeRO stage 0 or 1 only"):
+            load_config("tiny", ["parallel.pp=2", f"parallel.zero_stage={stage}"])

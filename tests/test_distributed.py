@@ -8,3 +8,14 @@ from cherry_megatron.distributed import first_host
 ])
 def test_first_host_of_a_slurm_nodelist(nodelist, host):
     assert first_host(nodelist) == host
+
+
+@pytest.mark.slow
+def test_megatron_and_deepspeed_groups_agree():
+    """4 gloo ranks: megatron's TP/DP/PP groups are DeepSpeed's model/data/pipe axes, rank by rank, in 4 layouts."""
+    from conftest import run_cli
+
+    layouts = ["2x2", "1x2", "2x1", "1x4"]
+    proc = run_cli(["-m", "tests.check_topology", *layouts], nproc=4)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sum(line.endswith(" ok") for line in proc.stdout.splitlines()) == 4 * len(layouts), proc.stdout

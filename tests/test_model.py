@@ -1,18 +1,10 @@
 import pytest
 import torch
 
-from cherry_megatron import distributed
 from cherry_megatron.checkpoint.consolidate import merge_tp, split_tp
-from cherry_megatron.config import ParallelConfig, load_config
+from cherry_megatron.config import load_config
 from cherry_megatron.model.gpt import GPT, count_parameters, pad_vocab
 from cherry_megatron.model.layers import apply_rope, RotaryEmbedding
-
-
-@pytest.fixture(scope="module")
-def world_of_one():
-    distributed.init(ParallelConfig(tp=1))
-    yield
-    distributed.shutdown()
 
 
 @pytest.mark.parametrize("preset, vocab", [("tiny", 8192), ("small", 8192)])
@@ -81,3 +73,25 @@ def test_tp_split_merge_round_trip(tp):
                        torch.cat([k_rows.chunk(tp)[1], v_rows.chunk(tp)[1]]))
     merged = merge_tp(shards)
     assert all(torch.equal(merged[k], full[k]) for k in full)
+
+
+@pytest.mark.parametrize("preset, sets", [("tiny", []), ("recurrent-tiny", ["recurrent.exit_depths=[]"]),
+                                          ("tiny", ["moee.num_experts=2", "moee.mtp_depth=1"])])
+def test_activation_checkpointing_changes_no_loss_or_gradient(world_of_one, preset, sets):
+    from cherry_megatron.model import build_model
+
+    grads = {}
+    for every in (0, 1, 2):
+        cfg = load_config(preset, ["model.vocab_size=512", f"train.activation_checkpointing={every}", *sets])
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        tokens, labels = torch.randint(0, 512, (2, 32)), torch.randint(0, 512, (2, 32))
+        loss = model(tokens, labels, loss_mask=torch.ones(2, 32)).mean()
+        loss = loss + sum(w * t for w, t in model.aux_terms.values())
+        loss.backward()
+        grads[every] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    base_loss, base = grads[0]
+    for every in (1, 2):
+        loss, g = grads[every]
+        assert loss == base_loss and g.keys() == base.keys()
+        assert all(torch.allclose(g[n], base[n], rtol=1e-5, atol=1e-7) for n in base), every

@@ -69,6 +69,12 @@ def test_zero_stages_give_the_same_curve(baseline, tmp_path, stage):
         assert json.loads(proc.stdout.splitlines()[-1])["loss"] == pytest.approx(eval_losses(tmp_path / "run")[6], rel=1e-5)
 
 
+def test_activation_checkpointing_changes_no_loss(baseline, tmp_path):
+    train(tmp_path / "ckpt", ["train.activation_checkpointing=1"])
+    assert_same_curve(losses(tmp_path / "ckpt"), losses(baseline), rtol=1e-6)
+    assert_same_curve(eval_losses(tmp_path / "ckpt"), eval_losses(baseline), rtol=1e-6)
+
+
 def test_stop_and_resume_equals_uninterrupted(baseline, tmp_path):
     run_dir = tmp_path / "resumed"
     train(run_dir, ["train.exit_at_step=3"])

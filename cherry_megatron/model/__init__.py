@@ -17,6 +17,7 @@ def build_model(cfg, params_dtype: torch.dtype = torch.float32) -> torch.nn.Modu
         model = RecurrentGPT(cfg.model, cfg.recurrent, params_dtype)
     else:
         model = GPT(cfg.model, params_dtype)
+    model.checkpoint_every = cfg.train.activation_checkpointing
     if cfg.moee.mtp_depth:
         model.mtp = MTP(cfg.model, cfg.moee.mtp_depth, params_dtype)
         model.mtp_weight = cfg.moee.mtp_weight

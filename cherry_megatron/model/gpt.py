@@ -35,6 +35,7 @@ class GPT(nn.Module):
                                          init_method=normal_init(cfg.init_std), bias=False, gather_output=False,
                                          skip_weight_param_allocation=cfg.tie_embeddings)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.checkpoint_every = 0  # activation checkpointing: every n-th layer (train.activation_checkpointing)
         self.mtp = None  # multi-token prediction (mtp.py), attached by model.build_model
         self.mtp_weight = 0.0
         self.aux_terms: dict = {}
@@ -42,9 +43,18 @@ class GPT(nn.Module):
     def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens)
         cos, sin = self.rope(tokens.shape[1], x.device, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin)
+        for i, layer in enumerate(self.layers):
+            x = self.run_layer(i, layer, x, cos, sin)
         return self.norm(x)
+
+    def run_layer(self, i: int, fn, *args) -> torch.Tensor:
+        """fn(*args) for layer (or position) i; in training with `checkpoint_every` = n > 0, every n-th one
+        keeps only its input and recomputes its activations in the backward pass. torch's checkpoint, not
+        megatron's: megatron's needs its CUDA RNG tracker, and no layer here draws random numbers."""
+        n = self.checkpoint_every
+        if n and i % n == 0 and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Vocab-parallel logits: each TP rank holds its slice of the vocabulary."""

@@ -76,7 +76,7 @@ class RecurrentGPT(GPT):
         """The residual stream after positions start..end-1 (early-exit decoding continues from a depth)."""
         cos, sin = self.rope(x.shape[1], x.device, x.dtype)
         for i in range(start, end):
-            x = self.position(i, x, cos, sin)
+            x = self.run_layer(i, self.position, i, x, cos, sin)
             if taps is not None and i + 1 in taps:
                 taps[i + 1] = x
         return x

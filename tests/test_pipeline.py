@@ -1,0 +1,69 @@
+"""Pipeline parallelism on real gloo groups: TP x PP and PP x DP against the unpipelined run, resume,
+activation checkpointing, and what a pipeline refuses."""
+import pytest
+
+from cherry_megatron.config import ConfigError, load_config
+from cherry_megatron.metrics import read_metrics
+from conftest import train
+
+pytestmark = pytest.mark.slow
+SETS = ["model.num_layers=4"]  # 2 blocks per stage at PP=2
+
+
+def curve(run_dir, key):
+    return {r["step"]: r[key] for r in read_metrics(run_dir) if r.get(key) is not None}
+
+
+def assert_same(a, b, rtol):
+    assert a.keys() == b.keys() and len(a) >= 3
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=rtol), step
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "tp1pp1"
+    train(run_dir, SETS)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def tp2pp2(reference, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "tp2pp2"
+    train(run_dir, SETS + ["parallel.tp=2", "parallel.pp=2"], nproc=4)
+    return run_dir
+
+
+def test_tp2_pp2_matches_tp1_pp1(reference, tp2pp2):
+    for key in ("loss", "eval_loss", "grad_norm"):
+        assert_same(curve(tp2pp2, key), curve(reference, key), rtol=1e-4)
+
+
+def test_pp2_dp2_zero1_matches(reference, tmp_path):
+    train(tmp_path / "pp2dp2", SETS + ["parallel.pp=2", "parallel.zero_stage=1"], nproc=4)
+    for key in ("loss", "eval_loss"):
+        assert_same(curve(tmp_path / "pp2dp2", key), curve(reference, key), rtol=1e-4)
+
+
+def test_activation_checkpointing_in_a_pipeline_changes_no_loss(reference, tmp_path):
+    train(tmp_path / "ckpt", SETS + ["parallel.pp=2", "train.activation_checkpointing=1"], nproc=2)
+    assert_same(curve(tmp_path / "ckpt", "loss"), curve(reference, "loss"), rtol=1e-4)
+
+
+def test_tp2_pp2_checkpoint_resumes(tp2pp2, tmp_path):
+    sets = SETS + ["parallel.tp=2", "parallel.pp=2"]
+    train(tmp_path / "resumed", sets + ["train.exit_at_step=3"], nproc=4)
+    proc = train(tmp_path / "resumed", sets, nproc=4)
+    assert "start_step=3" in proc.stdout
+    assert curve(tmp_path / "resumed", "loss") == curve(tp2pp2, "loss")
+    assert curve(tmp_path / "resumed", "eval_loss") == curve(tp2pp2, "eval_loss")
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["recurrent.num_blocks=2"], "does not support recurrent.num_blocks yet"),
+    (["model.tie_embeddings=true"], "does not support model.tie_embeddings yet"),
+    (["model.num_layers=1"], "more stages than model.num_layers=1"),
+])
+def test_pipeline_refuses_what_it_cannot_run_yet(sets, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", ["parallel.pp=2", *sets])
