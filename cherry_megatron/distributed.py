@@ -135,10 +135,17 @@ def check_topology(topo) -> None:
 
 
 def shutdown() -> None:
+    from deepspeed.utils import groups
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    # DeepSpeed caches its expert groups (and our mpu) in module globals: a later world in this process
+    # must not find groups of a destroyed one.
+    for cache in (groups._EXPERT_PARALLEL_GROUP, groups._EXPERT_PARALLEL_GROUP_RANKS,
+                  groups._EXPERT_DATA_PARALLEL_GROUP, groups._EXPERT_DATA_PARALLEL_GROUP_RANKS):
+        cache.clear()
+    groups.mpu = None
     if dist.is_initialized():
         dist.destroy_process_group()
 
