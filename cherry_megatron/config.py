@@ -290,8 +290,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                           "supports ZeRO stage 0 or 1 only")
     if p.pp > 1:
         unsupported = {"recurrent.num_blocks": cfg.recurrent.num_blocks, "moee.num_experts": cfg.moee.num_experts,
-                       "moee.mtp_depth": cfg.moee.mtp_depth, "model.tie_embeddings": m.tie_embeddings,
-                       "sgt.ratio < 1": cfg.sgt.ratio < 1}
+                       "moee.mtp_depth": cfg.moee.mtp_depth, "sgt.ratio < 1": cfg.sgt.ratio < 1}
         for key, on in unsupported.items():
             if on:
                 raise ConfigError(f"parallel.pp={p.pp} does not support {key} yet (dense models only)")

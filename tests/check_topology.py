@@ -16,6 +16,8 @@ for spec in sys.argv[1:]:
     coord = topo.get_coord(layout.rank)
     assert (coord.model, coord.data, coord.pipe) == (layout.tp_rank, layout.dp_rank,
                                                       parallel_state.get_pipeline_model_parallel_rank()), (coord, layout)
-    print(f"{spec} rank {layout.rank}: pipe {coord.pipe} data {coord.data} model {coord.model} ok", flush=True)
+    # one write per line: print's separate newline write lets lines of 4 processes run together
+    sys.stdout.write(f"{spec} rank {layout.rank}: pipe {coord.pipe} data {coord.data} model {coord.model} ok\n")
+    sys.stdout.flush()
     parallel_state.destroy_model_parallel()
 distributed.shutdown()

@@ -59,11 +59,54 @@ def test_tp2_pp2_checkpoint_resumes(tp2pp2, tmp_path):
     assert curve(tmp_path / "resumed", "eval_loss") == curve(tp2pp2, "eval_loss")
 
 
+def test_tied_embeddings_stay_identical_on_first_and_last_stage(corpus, tmp_path):
+    sets = SETS + ["model.tie_embeddings=true"]
+    train(tmp_path / "pp1", sets)
+    train(tmp_path / "pp2", sets + ["parallel.pp=2"], nproc=2)
+    assert_same(curve(tmp_path / "pp2", "loss"), curve(tmp_path / "pp1", "loss"), rtol=1e-4)
+    from conftest import run_cli
+
+    proc = run_cli(["-m", "tests.check_tied"], nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("tied embedding identical on both stages") == 2
+
+
 @pytest.mark.parametrize("sets, message", [
     (["recurrent.num_blocks=2"], "does not support recurrent.num_blocks yet"),
-    (["model.tie_embeddings=true"], "does not support model.tie_embeddings yet"),
+    (["moee.num_experts=2"], "does not support moee.num_experts yet"),
     (["model.num_layers=1"], "more stages than model.num_layers=1"),
 ])
 def test_pipeline_refuses_what_it_cannot_run_yet(sets, message):
     with pytest.raises(ConfigError, match=message):
         load_config("tiny", ["parallel.pp=2", *sets])
+
+
+def test_plan_counts_each_ranks_parameters_as_the_real_sharded_model():
+    import json
+
+    from conftest import run_cli
+
+    layouts = ["2x2", "1x4", "1x2", "2x1"]
+    proc = run_cli(["-m", "tests.check_plan_counts", *layouts], nproc=4)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import re
+
+    rows = [json.loads(m) for m in re.findall(r"\{\"layout\"[^{}]*\}", proc.stdout)]
+    assert len(rows) == 4 * len(layouts)
+    for r in rows:
+        assert r["held"] == r["planned"], r
+
+
+def test_plan_cli_recommends_a_fitting_layout():
+    from conftest import run_cli
+
+    proc = run_cli(["tools/plan.py", "--config", "dense-1b-48l", "--nodes", "2", "--gpus-per-node", "8"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.split() and line.split()[0].isdigit()]
+    assert rows and all(int(r[0]) * int(r[1]) * int(r[2]) == 16 for r in rows)
+    assert {r[0] for r in rows} == {"1", "2"}  # 20 heads / 10 KV heads: TP 4 and 8 do not divide them
+    assert not any(int(r[1]) > 1 and int(r[3]) > 1 for r in rows)  # no ZeRO-2/3 with a pipeline
+    assert "recommended: parallel.tp=" in proc.stdout.splitlines()[-1]
+    proc = run_cli(["tools/plan.py", "--config", "dense-1b-48l", "--nodes", "1", "--gpus-per-node", "1",
+                    "--gpu-memory-gib", "8"])
+    assert proc.returncode == 2 and "no layout fits in memory" in proc.stderr

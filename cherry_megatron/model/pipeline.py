@@ -6,7 +6,8 @@ keeps its stages' layers: the weights are those of the PP=1 model at any PP degr
 PP runs comparable with PP=1 runs. The cost is the whole model in host memory once per rank at start-up.
 What cannot run in a pipeline yet is refused by `config.validate`.
 The topology is `distributed.topology`, the same rank order as megatron's parallel_state (checked at
-start). Recurrent, routed and MTP models, tied embeddings and SGT do not run in a pipeline yet.
+start). Tied embeddings are a `TiedLayerSpec` on the first and last stage. Recurrent, routed and MTP models
+and SGT do not run in a pipeline yet.
 """
 from __future__ import annotations
 
@@ -38,6 +39,21 @@ class BlockStage(nn.Module):
         return self.block(x, cos, sin)
 
 
+class NormStage(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.norm = model.norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)
+
+
+def tied_head(head, stage: EmbedStage, x: torch.Tensor) -> torch.Tensor:
+    """The output layer with the embedding's weight (`model.tie_embeddings`), on the last stage's copy of
+    the tied embedding; DeepSpeed all-reduces the tied gradient over the stages that hold a copy."""
+    return head(x, weight=stage.embed.weight)[0]
+
+
 class HeadStage(nn.Module):
     def __init__(self, model):
         super().__init__()
@@ -67,7 +83,7 @@ def eval_sums(logits: torch.Tensor, labels) -> torch.Tensor:
 
 
 def build_pipeline(cfg, topology, init_state: dict | None = None):
-    from deepspeed.pipe import PipelineModule
+    from deepspeed.pipe import PipelineModule, TiedLayerSpec
 
     from cherry_megatron.checkpoint.consolidate import load_into
     from cherry_megatron.model import build_model
@@ -75,7 +91,13 @@ def build_pipeline(cfg, topology, init_state: dict | None = None):
     model = build_model(cfg)
     if init_state is not None:
         load_into(model, init_state, f"model.init_from={cfg.model.init_from}")
-    layers = [EmbedStage(model), *(BlockStage(model, i) for i in range(cfg.model.num_layers)), HeadStage(model)]
+    blocks = [BlockStage(model, i) for i in range(cfg.model.num_layers)]
+    if cfg.model.tie_embeddings:
+        layers = [TiedLayerSpec("embed", EmbedStage, model, tied_weight_attr="embed.weight"), *blocks, NormStage(model),
+                  TiedLayerSpec("embed", EmbedStage, model, tied_weight_attr="embed.weight",
+                                forward_fn=functools.partial(tied_head, model.head))]
+    else:
+        layers = [EmbedStage(model), *blocks, HeadStage(model)]
     every = cfg.train.activation_checkpointing
     return PipelineModule(layers, topology=topology, loss_fn=train_loss, partition_method="type:BlockStage",
                           activation_checkpoint_interval=every,
