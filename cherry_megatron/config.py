@@ -289,7 +289,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         raise ConfigError(f"parallel.zero_stage={p.zero_stage} with parallel.pp={p.pp}: DeepSpeed's pipeline engine "
                           "supports ZeRO stage 0 or 1 only")
     if p.pp > 1:
-        unsupported = {"recurrent.num_blocks": cfg.recurrent.num_blocks, "moee.num_experts": cfg.moee.num_experts,
+        unsupported = {"recurrent.exit_loss_weights": cfg.recurrent.exit_loss_weights, "moee.num_experts": cfg.moee.num_experts,
                        "moee.mtp_depth": cfg.moee.mtp_depth, "sgt.ratio < 1": cfg.sgt.ratio < 1}
         for key, on in unsupported.items():
             if on:

@@ -39,6 +39,18 @@ def test_tp2_pp2_matches_tp1_pp1(reference, tp2pp2):
         assert_same(curve(tp2pp2, key), curve(reference, key), rtol=1e-4)
 
 
+def test_recurrent_tp2_pp2_matches_tp1_pp1(corpus, tmp_path):
+    """2 shared blocks over 4 positions (LoRA, iteration embeddings and norms) split over 2 stages: block 0's
+    positions on stage 0, block 1's on stage 1 (interleaved schedule: both blocks on both stages)."""
+    for schedule in ("[0,0,1,1]", "[0,1,0,1]"):
+        sets = ["model.num_layers=4", "recurrent.num_blocks=2", "recurrent.lora_rank=4", "recurrent.exit_depths=[]",
+                f"recurrent.schedule={schedule}", "train.steps=4", "train.eval_interval=2"]
+        train(tmp_path / f"ref{schedule}", sets, config="recurrent-tiny")
+        train(tmp_path / f"tp2pp2{schedule}", sets + ["parallel.tp=2", "parallel.pp=2"], config="recurrent-tiny", nproc=4)
+        for key in ("loss", "eval_loss"):
+            assert_same(curve(tmp_path / f"tp2pp2{schedule}", key), curve(tmp_path / f"ref{schedule}", key), rtol=1e-4)
+
+
 def test_pp2_dp2_zero1_matches(reference, tmp_path):
     train(tmp_path / "pp2dp2", SETS + ["parallel.pp=2", "parallel.zero_stage=1"], nproc=4)
     for key in ("loss", "eval_loss"):
@@ -72,7 +84,8 @@ def test_tied_embeddings_stay_identical_on_first_and_last_stage(corpus, tmp_path
 
 
 @pytest.mark.parametrize("sets, message", [
-    (["recurrent.num_blocks=2"], "does not support recurrent.num_blocks yet"),
+    (["recurrent.num_blocks=2", "recurrent.exit_depths=[2]", "recurrent.exit_loss_weights=[0.1]"],
+     "does not support recurrent.exit_loss_weights yet"),
     (["moee.num_experts=2"], "does not support moee.num_experts yet"),
     (["model.num_layers=1"], "more stages than model.num_layers=1"),
 ])

@@ -6,8 +6,9 @@ keeps its stages' layers: the weights are those of the PP=1 model at any PP degr
 PP runs comparable with PP=1 runs. The cost is the whole model in host memory once per rank at start-up.
 What cannot run in a pipeline yet is refused by `config.validate`.
 The topology is `distributed.topology`, the same rank order as megatron's parallel_state (checked at
-start). Tied embeddings are a `TiedLayerSpec` on the first and last stage. Recurrent, routed and MTP models
-and SGT do not run in a pipeline yet.
+start). Tied embeddings are a `TiedLayerSpec` on the first and last stage; a recurrent model's positions are
+unrolled over the stages, each shared block a `TiedLayerSpec` (`RecurrentBlockStage`). Routed and MTP
+models, early-exit losses and SGT do not run in a pipeline yet.
 """
 from __future__ import annotations
 
@@ -37,6 +38,39 @@ class BlockStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cos, sin = self.rope(x.shape[1], x.device, x.dtype)
         return self.block(x, cos, sin)
+
+
+class RecurrentBlockStage(nn.Module):
+    """Shared block b of a recurrent model with the per-position parameters (iteration embedding, norms,
+    LoRA) of every position that runs it: one `TiedLayerSpec` per block, so each stage holding some of
+    those positions holds a copy, and DeepSpeed sums the copies' gradients over the stages."""
+
+    def __init__(self, model, b: int):
+        super().__init__()
+        self.block, self.rope, self.rcfg = model.layers[b], model.rope, model.rcfg
+        positions = [i for i, blk in enumerate(model.schedule) if blk == b]
+        for name, src in model.named_parameters(recurse=False):
+            param = nn.Parameter(src.detach()[positions].clone())
+            for attr in ("tensor_model_parallel", "partition_dim", "partition_stride"):
+                if hasattr(src, attr):
+                    setattr(param, attr, getattr(src, attr))
+            self.register_parameter(name, param)
+
+    def run(self, j: int, x: torch.Tensor) -> torch.Tensor:
+        """The block's j-th position (`RecurrentGPT.position` on this block's rows)."""
+        from cherry_megatron.model.recurrent import PROJECTIONS
+
+        cos, sin = self.rope(x.shape[1], x.device, x.dtype)
+        if self.rcfg.iteration_embedding:
+            x = x + self.iter_embed[j]
+        norms = (self.iter_norms[j, 0], self.iter_norms[j, 1]) if self.rcfg.iteration_norms else None
+        lora = {p: (getattr(self, f"lora_{p}_A")[j], getattr(self, f"lora_{p}_B")[j]) for p in PROJECTIONS} \
+            if self.rcfg.lora_rank else None
+        return self.block(x, cos, sin, norms, lora)
+
+
+def run_position(j: int, stage: RecurrentBlockStage, x: torch.Tensor) -> torch.Tensor:
+    return stage.run(j, x)
 
 
 class NormStage(nn.Module):
@@ -91,7 +125,14 @@ def build_pipeline(cfg, topology, init_state: dict | None = None):
     model = build_model(cfg)
     if init_state is not None:
         load_into(model, init_state, f"model.init_from={cfg.model.init_from}")
-    blocks = [BlockStage(model, i) for i in range(cfg.model.num_layers)]
+    if cfg.recurrent.num_blocks:
+        blocks = []
+        for i, b in enumerate(model.schedule):
+            tied = [n for n, _ in RecurrentBlockStage(model, b).named_parameters()]
+            blocks.append(TiedLayerSpec(f"block{b}", RecurrentBlockStage, model, b, tied_weight_attr=tied,
+                                        forward_fn=functools.partial(run_position, model.schedule[:i].count(b))))
+    else:
+        blocks = [BlockStage(model, i) for i in range(cfg.model.num_layers)]
     if cfg.model.tie_embeddings:
         layers = [TiedLayerSpec("embed", EmbedStage, model, tied_weight_attr="embed.weight"), *blocks, NormStage(model),
                   TiedLayerSpec("embed", EmbedStage, model, tied_weight_attr="embed.weight",
