@@ -40,9 +40,10 @@ def test_tp2_pp2_matches_tp1_pp1(reference, tp2pp2):
 
 
 def test_recurrent_tp2_pp2_matches_tp1_pp1(corpus, tmp_path):
-    """2 shared blocks over 4 positions (LoRA, iteration embeddings and norms) split over 2 stages: block 0's
-    positions on stage 0, block 1's on stage 1 (interleaved schedule: both blocks on both stages)."""
-    for schedule in ("[0,0,1,1]", "[0,1,0,1]"):
+    """2 shared blocks over 4 positions (LoRA, iteration embeddings and norms) split over 2 stages with the
+    interleaved schedule [0,1,0,1]: both blocks run on both stages, so each block is tied across them.
+    (The consecutive schedule [0,0,1,1], one block per stage, passed too; left out to keep CI short.)"""
+    for schedule in ("[0,1,0,1]",):
         sets = ["model.num_layers=4", "recurrent.num_blocks=2", "recurrent.lora_rank=4", "recurrent.exit_depths=[]",
                 f"recurrent.schedule={schedule}", "train.steps=4", "train.eval_interval=2"]
         train(tmp_path / f"ref{schedule}", sets, config="recurrent-tiny")
