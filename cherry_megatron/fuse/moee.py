@@ -46,11 +46,13 @@ def fuse(states: list[dict[str, torch.Tensor]], cfgs: list[Config], top_k: int =
         raise ConfigError(f"--router-init must be one of {', '.join(ROUTER_INITS)}, got '{router_init}'")
     if not states:
         raise ConfigError("give at least one expert checkpoint")
+    first = shape_of(cfgs[0])
     for i, c in enumerate(cfgs):
         if c.moee.num_experts:
             raise ConfigError(f"expert {i} is a routed model already; fuse dense or recurrent models")
-        if shape_of(c) != shape_of(cfgs[0]):
-            diff = next(k for k in shape_of(c) if shape_of(c)[k] != shape_of(cfgs[0])[k])
+        shape = shape_of(c)
+        if shape != first:
+            diff = next(k for k in shape if shape[k] != first.get(k))
             raise ConfigError(f"expert {i} differs from expert 0 in its '{diff}' config: experts must share one shape")
     e = len(states)
     if not 1 <= top_k <= e:

@@ -11,6 +11,7 @@ its own k and v (gate and up) slices.
 """
 from __future__ import annotations
 
+import fnmatch
 import math
 
 import torch
@@ -174,9 +175,7 @@ def tp_slice(t: torch.Tensor, dim: int, stride: int, tp: int, rank: int) -> torc
 
 
 def tp_layout(name: str):
-    """The (dim, stride) of a parameter name by its suffix in TP_LAYOUT (`*` matches one name part)."""
-    import fnmatch
-
+    """The (dim, stride) of a parameter name by its suffix in TP_LAYOUT (`*` as in fnmatch: any characters)."""
     for suffix, layout in TP_LAYOUT.items():
         if name == suffix or fnmatch.fnmatchcase(name, "*." + suffix) or fnmatch.fnmatchcase(name, suffix):
             return layout
