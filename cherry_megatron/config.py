@@ -51,6 +51,7 @@ class ModelConfig:
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
+    pipeline_partition: str = "layers"  # layers: equal block counts per stage; parameters: equal parameter counts
     zero_stage: int = 1
     ds_config: str = ""  # a DeepSpeed JSON; "" picks ds_configs/zero{zero_stage}.json
     backend: str = "auto"  # auto: nccl with CUDA, gloo otherwise
@@ -288,12 +289,17 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if p.pp > 1 and p.zero_stage > 1:
         raise ConfigError(f"parallel.zero_stage={p.zero_stage} with parallel.pp={p.pp}: DeepSpeed's pipeline engine "
                           "supports ZeRO stage 0 or 1 only")
+    if p.pipeline_partition not in ("layers", "parameters"):
+        raise ConfigError(f"parallel.pipeline_partition must be layers or parameters, got '{p.pipeline_partition}'")
     if p.pp > 1:
-        unsupported = {"recurrent.exit_loss_weights": cfg.recurrent.exit_loss_weights, "moee.num_experts": cfg.moee.num_experts,
-                       "moee.mtp_depth": cfg.moee.mtp_depth, "sgt.ratio < 1": cfg.sgt.ratio < 1}
+        unsupported = {"recurrent.exit_loss_weights": cfg.recurrent.exit_loss_weights, "sgt.ratio < 1": cfg.sgt.ratio < 1}
         for key, on in unsupported.items():
             if on:
-                raise ConfigError(f"parallel.pp={p.pp} does not support {key} yet (dense models only)")
+                raise ConfigError(f"parallel.pp={p.pp} does not support {key} yet")
+        if (cfg.moee.num_experts or cfg.moee.mtp_depth) and t.precision == "fp16":
+            # Auxiliary losses join the gradient outside DeepSpeed's loss scaling (model/pipeline.py).
+            raise ConfigError(f"parallel.pp={p.pp} with router or MTP losses needs train.precision fp32 or bf16, "
+                              "not fp16")
         if m.num_layers < p.pp:
             raise ConfigError(f"parallel.pp={p.pp} is more stages than model.num_layers={m.num_layers}")
     if t.activation_checkpointing < 0:
@@ -378,6 +384,11 @@ def validate_moee(cfg: Config, world_size: Optional[int] = None) -> None:
         # DeepSpeed's expert groups span all ranks (TP ranks split the routed tokens between them).
         if world_size % e.ep_size:
             raise ConfigError(f"moee.ep_size={e.ep_size} does not divide the world size {world_size}")
+        p = cfg.parallel
+        if p.pp > 1 and world_size % (p.tp * p.pp) == 0 and (world_size // (p.tp * p.pp)) % e.ep_size:
+            # Each stage's experts are spread over that stage's data-parallel ranks.
+            raise ConfigError(f"moee.ep_size={e.ep_size} does not divide the data-parallel size "
+                              f"{world_size // (p.tp * p.pp)} of each pipeline stage")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

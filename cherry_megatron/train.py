@@ -105,8 +105,12 @@ class Trainer:
         """One optimizer step over all micro-batches: (mean loss over DP, grad norm, lr used)."""
         lr = self.engine.get_lr()[0]
         if self.pipeline:  # DeepSpeed's schedule runs the micro-batches; its loss is averaged over them and DP
-            batches = [self.batch(step, m) for m in range(self.data.grad_accum)]
-            loss = self.engine.train_batch(iter([(b["tokens"], (b["labels"], b["loss_mask"])) for b in batches]))
+            from cherry_megatron.model.pipeline import pipe_batch
+
+            carry = bool(self.cfg.moee.mtp_depth)
+            batches = [pipe_batch(self.batch(step, m), carry) for m in range(self.data.grad_accum)]
+            loss = self.engine.train_batch(iter(batches))
+            self._pipeline_aux()
             norm = self.engine.get_global_grad_norm()
             return float(loss), float(norm) if norm is not None else float("nan"), lr
         total = torch.zeros((), dtype=torch.float64, device=self.layout.device)
@@ -131,6 +135,19 @@ class Trainer:
             dist.all_reduce(total, group=self.dp_group)
         norm = self.engine.get_global_grad_norm()
         return total.item(), float(norm) if norm is not None else float("nan"), lr
+
+    def _pipeline_aux(self) -> None:
+        """Each stage summed the auxiliary terms of its own layers: add them up over the stages."""
+        from cherry_megatron.model.pipeline import aux_weights
+
+        names, sums = list(aux_weights(self.cfg)), self.engine.module.aux_losses.pop()
+        if not names:
+            return
+        dev = self.layout.device
+        vec = torch.stack([torch.as_tensor(sums.get(n, 0.0), dtype=torch.float64, device=dev) for n in names])
+        dist.all_reduce(vec, group=self.engine.grid.get_pipe_parallel_group())
+        for name, value in zip(names, vec / self.data.grad_accum):
+            self.aux_sums[name] = self.aux_sums.get(name, 0.0) + value
 
     def batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
         return {k: v.to(self.layout.device) for k, v in self.data.micro_batch(step, micro).items()}
@@ -185,7 +202,7 @@ class Trainer:
         """`evaluate.window_loss`'s windows through the pipeline: padded to full micro-batches of full
         windows (padding masked out), the same number on every DP rank."""
         from cherry_megatron.evaluate import windows
-        from cherry_megatron.model.pipeline import eval_sums, train_loss
+        from cherry_megatron.model.pipeline import eval_sums, pipe_batch, train_loss
 
         t, mbs, dp = self.cfg.train, self.cfg.train.micro_batch_size, self.layout.dp
         every = windows(len(self.eval_stream), t.seq_length, t.eval_tokens)
@@ -198,7 +215,8 @@ class Trainer:
             for j, (start, n) in enumerate(mine[i * mbs:(i + 1) * mbs]):
                 tokens[j, :n + 1] = torch.from_numpy(self.eval_stream[start:start + n + 1].astype("int64"))
                 mask[j, :n] = 1
-            batches.append((tokens[:, :-1].to(dev), (tokens[:, 1:].to(dev), mask.to(dev))))
+            b = {"tokens": tokens[:, :-1].to(dev), "labels": tokens[:, 1:].to(dev), "loss_mask": mask.to(dev)}
+            batches.append(pipe_batch(b, bool(self.cfg.moee.mtp_depth)))
         module = self.engine.module
         module.loss_fn = eval_sums
         # eval_batch adds into the loss its last train_batch left (a scalar); train_batch starts from None.
@@ -252,7 +270,7 @@ class Trainer:
                 self.metrics.log(step, loss=window_loss_sum / window_steps, lr=lr, grad_norm=grad_norm,
                                  tokens_per_s=tps, mfu=tps * self.flops_per_token / self.peak,
                                  consumed_tokens=step * self.tokens_per_step, step_time_s=window_time / window_steps,
-                                 **{k: float(v) / window_steps for k, v in self.aux_sums.items()})  # rank 0's
+                                 **{k: self._dp_mean(v) / window_steps for k, v in self.aux_sums.items()})
                 self.aux_sums = {}
                 summary.update(loss=window_loss_sum / window_steps, tokens_per_s=tps)
                 window_loss_sum, window_steps, window_time = 0.0, 0, 0.0

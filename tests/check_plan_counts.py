@@ -1,5 +1,6 @@
 """Run under torchrun (4 ranks): build the real sharded model for each layout TPxPP given and print, per
-rank, the parameters it holds next to tools/plan.py's count for its stage."""
+rank, the parameters it holds next to tools/plan.py's count for its stage. A layout ending in "p" cuts the
+stages by parameter count (parallel.pipeline_partition=parameters)."""
 import json
 import sys
 
@@ -13,8 +14,10 @@ from cherry_megatron.model.pipeline import build_pipeline
 from tools.plan import rank_parameters
 
 for spec in sys.argv[1:]:
-    tp, pp = (int(x) for x in spec.split("x"))
-    cfg = load_config("tiny", ["model.num_layers=5", "model.vocab_size=1024", f"parallel.tp={tp}", f"parallel.pp={pp}"])
+    partition = "parameters" if spec.endswith("p") else "layers"
+    tp, pp = (int(x) for x in spec.rstrip("p").split("x"))
+    cfg = load_config("tiny", ["model.num_layers=5", "model.vocab_size=1024", f"parallel.tp={tp}", f"parallel.pp={pp}",
+                               f"parallel.pipeline_partition={partition}"])
     layout = distributed.init(cfg.parallel)
     torch.manual_seed(0)
     if pp > 1:
@@ -24,7 +27,8 @@ for spec in sys.argv[1:]:
         model, stage = build_model(cfg), 0
     held = sum(p.numel() for p in model.parameters())
     sys.stdout.write(json.dumps({"layout": spec, "rank": layout.rank, "stage": stage, "held": held,
-                                 "planned": rank_parameters(cfg.model, tp, pp, stage)}) + "\n")  # one write per line
+                                 "planned": rank_parameters(cfg.model, tp, pp, stage, partition),
+                                 "blocks": sum(type(m).__name__ == "BlockStage" for m in model.modules())}) + "\n")  # one write per line
     sys.stdout.flush()
     parallel_state.destroy_model_parallel()
 distributed.shutdown()

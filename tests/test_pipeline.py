@@ -2,7 +2,7 @@
 activation checkpointing, and what a pipeline refuses."""
 import pytest
 
-from cherry_megatron.config import ConfigError, load_config
+from cherry_megatron.config import ConfigError, load_config, validate
 from cherry_megatron.metrics import read_metrics
 from conftest import train
 
@@ -87,7 +87,9 @@ def test_tied_embeddings_stay_identical_on_first_and_last_stage(corpus, tmp_path
 @pytest.mark.parametrize("sets, message", [
     (["recurrent.num_blocks=2", "recurrent.exit_depths=[2]", "recurrent.exit_loss_weights=[0.1]"],
      "does not support recurrent.exit_loss_weights yet"),
-    (["moee.num_experts=2"], "does not support moee.num_experts yet"),
+    (["sgt.ratio=0.15"], "does not support sgt.ratio < 1 yet"),
+    (["moee.mtp_depth=1", "train.precision=fp16"], "with router or MTP losses needs train.precision fp32 or bf16"),
+    (["parallel.pipeline_partition=bytes"], "must be layers or parameters, got 'bytes'"),
     (["model.num_layers=1"], "more stages than model.num_layers=1"),
 ])
 def test_pipeline_refuses_what_it_cannot_run_yet(sets, message):
@@ -95,12 +97,40 @@ def test_pipeline_refuses_what_it_cannot_run_yet(sets, message):
         load_config("tiny", ["parallel.pp=2", *sets])
 
 
+def test_expert_parallelism_must_divide_each_stages_data_parallel_size():
+    cfg = load_config("tiny", ["parallel.pp=2", "moee.num_experts=4", "moee.ep_size=4"])
+    with pytest.raises(ConfigError, match="moee.ep_size=4 does not divide the data-parallel size 2 of each pipeline"):
+        validate(cfg, 4)
+    validate(load_config("tiny", ["parallel.pp=2", "moee.num_experts=4", "moee.ep_size=2"]), 4)
+
+
+MOEE = ["model.num_layers=4", "recurrent.num_blocks=2", "recurrent.lora_rank=4", "recurrent.exit_depths=[]",
+        "recurrent.schedule=[0,1,0,1]", "moee.num_experts=2", "moee.mtp_depth=1", "train.steps=4",
+        "train.eval_interval=2"]
+
+
+def test_moee_with_mtp_in_a_pipeline_matches_the_unpipelined_model(corpus, tmp_path):
+    """A routed recurrent model (each block's MLP 2 experts, both blocks on both stages, so experts tied
+    across stages) with an MTP head: its router and MTP losses join the gradient on the stage they arise
+    on. TP=2 x PP=2, and PP=2 x DP=2 with the experts split over the DP ranks (ep_size=2) stopped at step
+    3 and resumed, both give the unpipelined curves: loss, eval loss, grad norm and each auxiliary loss."""
+    train(tmp_path / "ref", MOEE, config="recurrent-tiny")
+    train(tmp_path / "tp2pp2", MOEE + ["parallel.tp=2", "parallel.pp=2"], config="recurrent-tiny", nproc=4)
+    ep = MOEE + ["parallel.pp=2", "moee.ep_size=2"]
+    train(tmp_path / "pp2ep2", ep + ["train.exit_at_step=3"], config="recurrent-tiny", nproc=4)
+    train(tmp_path / "pp2ep2", ep, config="recurrent-tiny", nproc=4)
+    keys = ("loss", "eval_loss", "grad_norm", "load_balance_loss", "router_z_loss", "mtp_loss")
+    for run in ("tp2pp2", "pp2ep2"):
+        for key in keys:
+            assert_same(curve(tmp_path / run, key), curve(tmp_path / "ref", key), rtol=1e-4)
+
+
 def test_plan_counts_each_ranks_parameters_as_the_real_sharded_model():
     import json
 
     from conftest import run_cli
 
-    layouts = ["2x2", "1x4", "1x2", "2x1"]
+    layouts = ["2x2", "1x4", "1x4p", "1x2", "2x1"]
     proc = run_cli(["-m", "tests.check_plan_counts", *layouts], nproc=4)
     assert proc.returncode == 0, proc.stderr[-3000:]
     import re
@@ -109,6 +139,10 @@ def test_plan_counts_each_ranks_parameters_as_the_real_sharded_model():
     assert len(rows) == 4 * len(layouts)
     for r in rows:
         assert r["held"] == r["planned"], r
+    blocks = {(r["layout"], r["stage"]): r["blocks"] for r in rows}
+    # 5 blocks over 4 stages: by count the embedding stage takes 2; by parameters the embedding weighs as one
+    assert [blocks["1x4", k] for k in range(4)] == [2, 1, 1, 1]
+    assert [blocks["1x4p", k] for k in range(4)] == [1, 2, 1, 1]
 
 
 def test_plan_cli_recommends_a_fitting_layout():

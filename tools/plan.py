@@ -3,11 +3,12 @@ layout it recommends.
 
     python tools/plan.py --config dense-1b-48l --nodes N --gpus-per-node G [--gpu-memory-gib 80]
         [--micro-batch-size B] [--seq-length S] [--global-batch-size GB] [--activation-checkpointing]
+        [--pipeline-partition layers|parameters]
 
 The model, per GPU, bf16 training with fp32 Adam (DeepSpeed's mixed precision):
   parameters   of the most loaded pipeline stage, split as the trainer splits them: stages by
-               DeepSpeed's own `partition_balanced` over blocks (the trainer's partition_method
-               "type:BlockStage"), TP-split weights / tp, norms whole;
+               DeepSpeed's own `partition_balanced` over blocks or over parameters, as the trainer cuts
+               them (`--pipeline-partition`, default the config's), TP-split weights / tp, norms whole;
   memory       weights 2 B, gradients 2 B, optimizer 12 B (fp32 master, m, v) per parameter, divided
                by dp where ZeRO partitions them (stage 1: optimizer; 2: + gradients; 3: + weights);
                activations s·b·h·(10 + 24/tp) B per layer and micro-batch (Korthikanti et al. 2022 with
@@ -35,22 +36,28 @@ from cherry_megatron.errors import cli_errors  # noqa: E402
 GIB = 1024 ** 3
 
 
-def stage_bounds(num_layers: int, pp: int) -> list[int]:
-    """Layer index bounds of each stage over [embed, blocks..., head], as the trainer's PipelineModule cuts."""
-    from deepspeed.runtime import utils as ds_utils
-
-    return ds_utils.partition_balanced(weights=[0] + [1] * num_layers + [0], num_parts=pp)
-
-
-def rank_parameters(m, tp: int, pp: int, stage: int) -> int:
-    """Parameters one rank of `stage` holds (model config `m`, vocab already padded)."""
+def layer_sizes(m, tp: int) -> list[int]:
+    """Parameters one TP rank holds of each pipeline layer [embed, blocks..., norm + head] (vocab padded)."""
     from cherry_megatron.model.gpt import count_parameters
 
     per_layer, h = count_parameters(m)["per_layer"], m.hidden_size
-    sizes = [m.vocab_size * h // tp] + [(per_layer - 2 * h) // tp + 2 * h] * m.num_layers + \
+    return [m.vocab_size * h // tp] + [(per_layer - 2 * h) // tp + 2 * h] * m.num_layers + \
         [m.vocab_size * h // tp + h]
-    lo, hi = stage_bounds(m.num_layers, pp)[stage:stage + 2]
-    return sum(sizes[lo:hi])
+
+
+def stage_bounds(m, tp: int, pp: int, partition: str = "layers") -> list[int]:
+    """Layer index bounds of each stage over [embed, blocks..., head], cut as the trainer's PipelineModule
+    cuts them (`parallel.pipeline_partition`: equal block counts, or equal parameter counts)."""
+    from deepspeed.runtime import utils as ds_utils
+
+    weights = layer_sizes(m, tp) if partition == "parameters" else [0] + [1] * m.num_layers + [0]
+    return ds_utils.partition_balanced(weights=weights, num_parts=pp)
+
+
+def rank_parameters(m, tp: int, pp: int, stage: int, partition: str = "layers") -> int:
+    """Parameters one rank of `stage` holds (model config `m`, vocab already padded)."""
+    lo, hi = stage_bounds(m, tp, pp, partition)[stage:stage + 2]
+    return sum(layer_sizes(m, tp)[lo:hi])
 
 
 @dataclass
@@ -80,8 +87,11 @@ def estimate(cfg, lay: Layout, args) -> dict:
     m, t = cfg.model, cfg.train
     s, b, h, v = t.seq_length, t.micro_batch_size, m.hidden_size, m.vocab_size
     micro = t.global_batch_size // (b * lay.dp)
-    params = max(rank_parameters(m, lay.tp, lay.pp, k) for k in range(lay.pp))
-    layers = max(b2 - b1 for b1, b2 in zip(stage_bounds(m.num_layers, lay.pp), stage_bounds(m.num_layers, lay.pp)[1:]))
+    part = cfg.parallel.pipeline_partition
+    params = max(rank_parameters(m, lay.tp, lay.pp, k, part) for k in range(lay.pp))
+    bounds = stage_bounds(m, lay.tp, lay.pp, part)
+    # Blocks on the busiest stage (the embedding and head layers count as none).
+    layers = max(len(set(range(lo, hi)) & set(range(1, m.num_layers + 1))) for lo, hi in zip(bounds, bounds[1:]))
     weights = 2 * params / (lay.dp if lay.zero >= 3 else 1)
     grads = 2 * params / (lay.dp if lay.zero >= 2 else 1)
     optim = 12 * params / (lay.dp if lay.zero >= 1 else 1)
@@ -124,6 +134,7 @@ def main(argv=None) -> None:
     p.add_argument("--seq-length", type=int, default=0)
     p.add_argument("--global-batch-size", type=int, default=0)
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--pipeline-partition", choices=("layers", "parameters"), default="")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="per GPU, bf16 dense (H100 SXM)")
     p.add_argument("--mfu", type=float, default=0.4)
     p.add_argument("--intra-gbps", type=float, default=200.0, help="GB/s per GPU inside a node (NVLink)")
@@ -136,6 +147,7 @@ def main(argv=None) -> None:
         from cherry_megatron.model.gpt import pad_vocab
 
         cfg = load_config(args.config)
+        cfg.parallel.pipeline_partition = args.pipeline_partition or cfg.parallel.pipeline_partition
         if cfg.recurrent.num_blocks or cfg.moee.num_experts:
             raise ConfigError("tools/plan.py models dense presets only (as the pipeline does)")
         t = cfg.train

@@ -181,8 +181,11 @@ class RoutedMLP(MoE):
         from cherry_megatron.distributed import MegatronMPU
 
         if self.deepspeed_moe.ep_group is None and dist.is_initialized():
-            if groups.mpu is None and self.enable_expert_tensor_parallelism:
-                groups.mpu = MegatronMPU()  # what deepspeed.initialize(mpu=...) sets; TP expert groups need it now
+            if groups.mpu is None and (self.enable_expert_tensor_parallelism or
+                                       parallel_state.get_pipeline_model_parallel_world_size() > 1):
+                # What deepspeed.initialize(mpu=...) sets (a pipeline engine gets none); the expert groups
+                # need it now: TP ones to exclude the TP ranks, and with PP to stay inside one stage.
+                groups.mpu = MegatronMPU()
             super().set_deepspeed_parallelism(use_data_before_expert_parallel_)
 
     def ep_rank(self) -> int:

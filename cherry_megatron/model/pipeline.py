@@ -7,8 +7,10 @@ PP runs comparable with PP=1 runs. The cost is the whole model in host memory on
 What cannot run in a pipeline yet is refused by `config.validate`.
 The topology is `distributed.topology`, the same rank order as megatron's parallel_state (checked at
 start). Tied embeddings are a `TiedLayerSpec` on the first and last stage; a recurrent model's positions are
-unrolled over the stages, each shared block a `TiedLayerSpec` (`RecurrentBlockStage`). Routed and MTP
-models, early-exit losses and SGT do not run in a pipeline yet.
+unrolled over the stages, each shared block a `TiedLayerSpec` (`RecurrentBlockStage`); a routed (MoEE)
+model's blocks route their MLPs. Auxiliary losses (router losses on any stage, MTP on the last) enter the
+gradient where they arise (`AuxLosses`), so the stages pass on hidden states only, plus the labels and loss
+mask when an MTP head needs them. Early-exit losses and SGT do not run in a pipeline yet.
 """
 from __future__ import annotations
 
@@ -19,14 +21,55 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from torch import nn
 
 
+class AddAuxLoss(torch.autograd.Function):
+    """x unchanged; its backward also puts gradient `scale` into the scalar `aux`. An auxiliary loss
+    computed on an inner stage joins the gradient this way without travelling to the last stage's loss
+    (megatron-core's MoEAuxLossAutoScaler does the same with a process-wide scale; this one is per model)."""
+
+    @staticmethod
+    def forward(ctx, x, aux, scale, losses, name):
+        ctx.scale, ctx.losses, ctx.name = scale, losses, name
+        ctx.save_for_backward(aux)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        aux, = ctx.saved_tensors
+        # Logged here, not in forward: a checkpointed layer runs forward twice but backward once.
+        ctx.losses.sums[ctx.name] = ctx.losses.sums.get(ctx.name, 0.0) + aux.detach().double()
+        return grad, torch.full_like(aux, ctx.scale), None, None, None
+
+
+class AuxLosses:
+    """The weighted auxiliary terms of a pipelined model. DeepSpeed scales the last stage's loss by
+    1 / micro-batches before its backward; each term gets weight / micro-batches, so the gradient is the
+    unpipelined objective's. `sums` adds up each term's value over a step on this stage (for logging)."""
+
+    def __init__(self, weights: dict[str, float], micro_batches: int):
+        self.weights, self.scale, self.sums = weights, 1.0 / micro_batches, {}
+
+    def attach(self, x: torch.Tensor, name: str, term: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return x
+        return AddAuxLoss.apply(x, term, self.weights[name] * self.scale, self, name)
+
+    def pop(self) -> dict:
+        out, self.sums = self.sums, {}
+        return out
+
+
+def carried(fn, x):
+    """fn on the hidden states; the labels and loss mask an MTP head needs (if any) ride along unchanged."""
+    return (fn(x[0]), *x[1:]) if isinstance(x, tuple) else fn(x)
+
 
 class EmbedStage(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.embed = model.embed
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.embed(tokens)
+    def forward(self, tokens):
+        return carried(self.embed, tokens)
 
 
 class BlockStage(nn.Module):
@@ -35,7 +78,10 @@ class BlockStage(nn.Module):
         self.block = model.layers[i]
         self.rope = model.rope  # no weights: each stage computes cos/sin for its blocks
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x):
+        return carried(self.run, x)
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
         cos, sin = self.rope(x.shape[1], x.device, x.dtype)
         return self.block(x, cos, sin)
 
@@ -43,11 +89,14 @@ class BlockStage(nn.Module):
 class RecurrentBlockStage(nn.Module):
     """Shared block b of a recurrent model with the per-position parameters (iteration embedding, norms,
     LoRA) of every position that runs it: one `TiedLayerSpec` per block, so each stage holding some of
-    those positions holds a copy, and DeepSpeed sums the copies' gradients over the stages."""
+    those positions holds a copy, and DeepSpeed sums the copies' gradients over the stages. A block that
+    runs once is a plain layer (a routed model built from a dense one). Routed MLPs attach their router
+    losses to their output."""
 
-    def __init__(self, model, b: int):
+    def __init__(self, model, b: int, aux: AuxLosses | None = None):
         super().__init__()
         self.block, self.rope, self.rcfg = model.layers[b], model.rope, model.rcfg
+        self.projections, self.aux = model.lora_projections, aux
         positions = [i for i, blk in enumerate(model.schedule) if blk == b]
         for name, src in model.named_parameters(recurse=False):
             param = nn.Parameter(src.detach()[positions].clone())
@@ -56,21 +105,29 @@ class RecurrentBlockStage(nn.Module):
                     setattr(param, attr, getattr(src, attr))
             self.register_parameter(name, param)
 
+    def forward(self, x):
+        return run_position(0, self, x)
+
     def run(self, j: int, x: torch.Tensor) -> torch.Tensor:
         """The block's j-th position (`RecurrentGPT.position` on this block's rows)."""
-        from cherry_megatron.model.recurrent import PROJECTIONS
-
         cos, sin = self.rope(x.shape[1], x.device, x.dtype)
         if self.rcfg.iteration_embedding:
             x = x + self.iter_embed[j]
         norms = (self.iter_norms[j, 0], self.iter_norms[j, 1]) if self.rcfg.iteration_norms else None
-        lora = {p: (getattr(self, f"lora_{p}_A")[j], getattr(self, f"lora_{p}_B")[j]) for p in PROJECTIONS} \
+        lora = {p: (getattr(self, f"lora_{p}_A")[j], getattr(self, f"lora_{p}_B")[j]) for p in self.projections} \
             if self.rcfg.lora_rank else None
-        return self.block(x, cos, sin, norms, lora)
+        return self.block(x, cos, sin, norms, lora, self.routed(j) if hasattr(self.block.mlp, "route") else None)
+
+    def routed(self, j: int):
+        """`MoEEGPT.mlp_call` for position j, its router losses attached to the MLP's output."""
+        def call(m: torch.Tensor) -> torch.Tensor:
+            out, l_aux, z = self.block.mlp.route(m, j)
+            return self.aux.attach(self.aux.attach(out, "load_balance_loss", l_aux), "router_z_loss", z)
+        return call
 
 
-def run_position(j: int, stage: RecurrentBlockStage, x: torch.Tensor) -> torch.Tensor:
-    return stage.run(j, x)
+def run_position(j: int, stage: RecurrentBlockStage, x):
+    return carried(functools.partial(stage.run, j), x)
 
 
 class NormStage(nn.Module):
@@ -80,6 +137,32 @@ class NormStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x)
+
+
+class MTPHeadStage(nn.Module):
+    """The last stage of a model with multi-token prediction: final norm, output layer, the MTP modules
+    and a copy of the embedding (tied to the first stage's: MTP embeds the tokens ahead with it), reading
+    the labels and loss mask carried from the first stage."""
+
+    def __init__(self, model, aux: AuxLosses):
+        super().__init__()
+        self.embed, self.norm, self.head, self.mtp, self.rope = model.embed, model.norm, model.head, model.mtp, model.rope
+        self.tie, self.aux = model.cfg.tie_embeddings, aux
+
+    def forward(self, x: tuple) -> torch.Tensor:
+        h, labels, loss_mask = x
+        h = self.norm(h)
+        if torch.is_grad_enabled():  # training; evaluation never computes MTP (as the unpipelined models)
+            # On h, not on the logits: the vocab-parallel cross-entropy overwrites its logits in place.
+            h = self.aux.attach(h, "mtp_loss", self.mtp(self, h, labels, loss_mask))
+        return self.logits(h)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(h, weight=self.embed.weight if self.tie else None)[0]
+
+    def token_losses(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """What `MTP.forward` reads out through (`GPT.token_losses`)."""
+        return vocab_parallel_cross_entropy(self.logits(h).float(), labels)
 
 
 def tied_head(head, stage: EmbedStage, x: torch.Tensor) -> torch.Tensor:
@@ -116,6 +199,24 @@ def eval_sums(logits: torch.Tensor, labels) -> torch.Tensor:
     return torch.stack([(losses * mask).sum(), mask.sum()]).double()
 
 
+def aux_weights(cfg) -> dict[str, float]:
+    """The auxiliary terms a pipelined model of this config attaches, in a fixed order on every rank."""
+    e = cfg.moee
+    out = {"load_balance_loss": e.load_balance_weight, "router_z_loss": e.z_loss_weight} if e.num_experts else {}
+    return {**out, "mtp_loss": e.mtp_weight} if e.mtp_depth else out
+
+
+def pipe_batch(b: dict, carry: bool) -> tuple:
+    """(first stage's input, last stage's labels) for DeepSpeed's data iterator. With an MTP head the labels
+    and loss mask also travel through the stages, the mask as integers: DeepSpeed expects a gradient back
+    for every floating-point tensor it passes on."""
+    labels = (b["labels"], b["loss_mask"])
+    return ((b["tokens"], b["labels"], (b["loss_mask"] > 0).long()) if carry else b["tokens"]), labels
+
+
+PARTITIONS = {"layers": "type:BlockStage", "parameters": "parameters"}  # BlockStage matches RecurrentBlockStage
+
+
 def build_pipeline(cfg, topology, init_state: dict | None = None):
     from deepspeed.pipe import PipelineModule, TiedLayerSpec
 
@@ -124,24 +225,40 @@ def build_pipeline(cfg, topology, init_state: dict | None = None):
 
     model = build_model(cfg)
     if init_state is not None:
-        load_into(model, init_state, f"model.init_from={cfg.model.init_from}")
-    if cfg.recurrent.num_blocks:
+        fresh = ("mtp.",) if cfg.moee.mtp_depth and not any(k.startswith("mtp.") for k in init_state) else ()
+        load_into(model, init_state, f"model.init_from={cfg.model.init_from}", fresh)
+    t, dp = cfg.train, topology.get_dim("data")
+    aux = AuxLosses(aux_weights(cfg), t.global_batch_size // (t.micro_batch_size * dp))
+    if hasattr(model, "schedule"):  # recurrent or routed
         blocks = []
         for i, b in enumerate(model.schedule):
+            if model.schedule.count(b) == 1:
+                blocks.append(RecurrentBlockStage(model, b, aux))
+                continue
             tied = [n for n, _ in RecurrentBlockStage(model, b).named_parameters()]
-            blocks.append(TiedLayerSpec(f"block{b}", RecurrentBlockStage, model, b, tied_weight_attr=tied,
+            blocks.append(TiedLayerSpec(f"block{b}", RecurrentBlockStage, model, b, aux, tied_weight_attr=tied,
                                         forward_fn=functools.partial(run_position, model.schedule[:i].count(b))))
     else:
         blocks = [BlockStage(model, i) for i in range(cfg.model.num_layers)]
-    if cfg.model.tie_embeddings:
-        layers = [TiedLayerSpec("embed", EmbedStage, model, tied_weight_attr="embed.weight"), *blocks, NormStage(model),
-                  TiedLayerSpec("embed", EmbedStage, model, tied_weight_attr="embed.weight",
-                                forward_fn=functools.partial(tied_head, model.head))]
+    embed = lambda **kw: TiedLayerSpec("embed", EmbedStage, model, tied_weight_attr="embed.weight", **kw)  # noqa: E731
+    if cfg.moee.mtp_depth:
+        layers = [embed(), *blocks, TiedLayerSpec("embed", MTPHeadStage, model, aux, tied_weight_attr="embed.weight")]
+    elif cfg.model.tie_embeddings:
+        layers = [embed(), *blocks, NormStage(model), embed(forward_fn=functools.partial(tied_head, model.head))]
     else:
         layers = [EmbedStage(model), *blocks, HeadStage(model)]
     every = cfg.train.activation_checkpointing
-    return PipelineModule(layers, topology=topology, loss_fn=train_loss, partition_method="type:BlockStage",
+    pipe = PipelineModule(layers, topology=topology, loss_fn=train_loss,
+                          partition_method=PARTITIONS[cfg.parallel.pipeline_partition],
                           activation_checkpoint_interval=every,
                           # torch's non-reentrant checkpoint, as the unpipelined models use (gpt.run_layer)
                           activation_checkpoint_func=functools.partial(torch.utils.checkpoint.checkpoint,
                                                                        use_reentrant=False))
+    head = pipe.tied_modules["embed"] if "embed" in pipe.tied_modules else None
+    if isinstance(head, MTPHeadStage):
+        # DeepSpeed marks every parameter of a tied module's later copies as replicated, which leaves them
+        # out of the gradient norm; of this one only the embedding is tied, the rest lives here alone.
+        for name, p in head.named_parameters():
+            p.ds_pipe_replicated = p.ds_pipe_replicated and name == "embed.weight"
+    pipe.aux_losses = aux
+    return pipe
