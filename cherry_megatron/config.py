@@ -87,6 +87,8 @@ class TrainConfig:
     eval_tokens: int = 32768
     save_interval: int = 100
     exit_at_step: int = 0  # stop (with a checkpoint) after this step without changing the schedule
+    max_nan_steps: int = 5  # non-finite losses in a row (each update skipped) before the run stops
+    step_timeout_s: float = 1800.0  # a step running longer dumps all stacks and exits; 0: no watchdog
     precision: str = "auto"  # auto: bf16 on GPUs that have it, fp32 elsewhere; or fp32/bf16/fp16
     peak_tflops: float = 0.0  # per process, for MFU; 0: looked up for the device
     threads: int = 0  # torch threads per process; 0: cores / local processes
@@ -156,7 +158,8 @@ SGT_POLICIES = ("random", "frequency", "loss", "excess", "payload")
 # Keys a resumed run may change without it being a different run.
 RESUMABLE_KEYS = {"train.steps", "train.exit_at_step", "train.log_interval", "train.eval_interval",
                   "train.save_interval", "train.eval_tokens", "train.threads", "train.peak_tflops",
-                  "data.cache_dir", "parallel.backend", "sgt.probe_interval", "train.activation_checkpointing"}
+                  "data.cache_dir", "parallel.backend", "sgt.probe_interval", "train.activation_checkpointing",
+                  "train.max_nan_steps", "train.step_timeout_s"}
 
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:
@@ -302,6 +305,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                               "not fp16")
         if m.num_layers < p.pp:
             raise ConfigError(f"parallel.pp={p.pp} is more stages than model.num_layers={m.num_layers}")
+    if t.max_nan_steps < 1 or t.step_timeout_s < 0:
+        raise ConfigError("train.max_nan_steps must be >= 1 and train.step_timeout_s >= 0 (0: no watchdog)")
     if t.activation_checkpointing < 0:
         raise ConfigError(f"train.activation_checkpointing must be 0 (off) or n >= 1 (every n-th layer), "
                           f"got {t.activation_checkpointing}")

@@ -27,6 +27,10 @@ class CheckpointError(UserError):
     pass
 
 
+class TrainingError(UserError):
+    """The run cannot go on (e.g. the loss keeps diverging); the message says why and what to do."""
+
+
 @contextlib.contextmanager
 def cli_errors():
     try:

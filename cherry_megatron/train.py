@@ -9,16 +9,18 @@ same run dir resumes from checkpoints/latest with the same data order.
 from __future__ import annotations
 
 import argparse
+import math
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from cherry_megatron import distributed, sgt
-from cherry_megatron.checkpoint.run_dir import checkpoint_dir, check_run_dir, latest_tag, write_config
+from cherry_megatron import distributed, faults, sgt
+from cherry_megatron.checkpoint.run_dir import atomic_write_text, checkpoint_dir, check_run_dir, latest_tag, write_config
 from cherry_megatron.config import Config, load_config, validate
-from cherry_megatron.errors import CheckpointError, ConfigError, cli_errors
+from cherry_megatron.errors import CheckpointError, ConfigError, TrainingError, cli_errors
 
 
 def resolve_vocab(cfg: Config, tokenizer_vocab: int) -> None:
@@ -93,6 +95,7 @@ class Trainer:
         if self.sgt is not None:
             self.flops_per_token -= self.sgt.head_flops_saved(cfg.model)
         self.gamma_sum, self.gamma_n = 0.0, 0
+        self.skipped_steps, self.nan_run, self.saved_step = 0, 0, 0
         self.aux_sums: dict[str, torch.Tensor] = {}
         if self.is_logger:
             counts = parameter_count(cfg)
@@ -122,6 +125,8 @@ class Trainer:
                 loss = sgt.objective(per_token, mask, b["loss_mask"] > 0, self.cfg.sgt.anchor_weight)
             else:
                 loss = sgt.masked_mean(self.engine(b["tokens"], b["labels"], loss_mask=b["loss_mask"]), b["loss_mask"])
+            if faults.injected("nan_loss", step + 1):
+                loss = loss * float("nan")
             objective = loss
             # MTP and router losses: in the objective, logged apart, never in `loss` (the next-token loss).
             for name, (weight, term) in self.engine.module.aux_terms.items():
@@ -230,9 +235,20 @@ class Trainer:
         return (sums[0] / sums[1]).item()
 
     def save(self, step: int) -> None:
+        """A checkpoint becomes `latest` only once every rank has written all its files, and `latest` is
+        replaced atomically: a crash mid-save leaves the previous checkpoint the one resumed from."""
         client = {"step": step, "consumed_samples": step * self.cfg.train.global_batch_size,
-                  "cherry_config": self.cfg.to_dict(), "gamma_sum": self.gamma_sum, "gamma_n": self.gamma_n}
-        self.engine.save_checkpoint(str(checkpoint_dir(self.run_dir)), tag=f"global_step{step}", client_state=client)
+                  "cherry_config": self.cfg.to_dict(), "gamma_sum": self.gamma_sum, "gamma_n": self.gamma_n,
+                  "skipped_steps": self.skipped_steps}
+        ckpt, tag = checkpoint_dir(self.run_dir), f"global_step{step}"
+        if faults.injected("crash_in_save", step):
+            faults.crash_during_save(self.engine)
+        self.engine.save_checkpoint(str(ckpt), tag=tag, client_state=client, save_latest=False)
+        if dist.is_initialized():
+            dist.barrier()
+        if self.layout.rank == 0:
+            atomic_write_text(ckpt / "latest", tag)
+        self.saved_step = step
 
     def resume(self) -> int:
         ckpt = checkpoint_dir(self.run_dir)
@@ -242,12 +258,34 @@ class Trainer:
         if path is None or "step" not in (client or {}):
             raise CheckpointError(f"cannot load the latest checkpoint in {ckpt}")
         self.gamma_sum, self.gamma_n = client.get("gamma_sum", 0.0), client.get("gamma_n", 0)
+        self.skipped_steps = client.get("skipped_steps", 0)
         return int(client["step"])
 
-    def fit(self) -> dict:
+    def check_loss(self, step: int, loss: float, skipped_before: int) -> bool:
+        """True if the step's loss is finite. A non-finite one must have had its update skipped (DeepSpeed's
+        optimizers skip non-finite gradients); `train.max_nan_steps` of them in a row stop the run."""
+        if math.isfinite(loss):
+            self.nan_run = 0
+            return True
+        if self.engine.skipped_steps == skipped_before:
+            raise TrainingError(f"step {step}: loss is {loss} and the update was applied (this optimizer does not "
+                                f"skip non-finite gradients, e.g. ZeRO stage 0 in fp32): resume from the last checkpoint")
+        self.nan_run += 1
+        self.skipped_steps += 1
+        self.metrics.log(step, skipped_step=1, skipped_steps_total=self.skipped_steps)
+        limit = self.cfg.train.max_nan_steps
+        if self.nan_run >= limit:
+            raise TrainingError(f"{self.nan_run} steps in a row had a non-finite loss (train.max_nan_steps={limit}), "
+                                f"last at step {step}; their updates were skipped, the last checkpoint is step "
+                                f"{self.saved_step}: lower train.lr or check the data")
+        return False
+
+    def fit(self, preemption: faults.Preemption | None = None) -> dict:
         t = self.cfg.train
         start = self.resume()
+        self.saved_step = start
         summary = {"start_step": start}
+        watchdog = faults.StepWatchdog(t.step_timeout_s)
         if start == 0 and self.eval_stream is not None:
             summary["eval_loss_start"] = self.evaluate()
             self.metrics.log(0, eval_loss=summary["eval_loss_start"])
@@ -256,16 +294,20 @@ class Trainer:
         while step < t.steps:
             probing = self.sgt is not None and self.cfg.sgt.probe_interval and step % self.cfg.sgt.probe_interval == 0
             probe = self.probe(step) if probing else None
-            t0 = time.perf_counter()
+            t0, skipped_before = time.perf_counter(), self.engine.skipped_steps
+            watchdog.arm()
+            faults.stall(step + 1)
             loss, grad_norm, lr = self.step(step)
+            watchdog.disarm()
             window_time += time.perf_counter() - t0
             if probe is not None:
                 self.metrics.log(step + 1, **self.probe_after(probe))
-            window_loss_sum += loss
-            window_steps += 1
             step += 1
+            if self.check_loss(step, loss, skipped_before):
+                window_loss_sum += loss
+                window_steps += 1
             last = step == t.steps or step == t.exit_at_step
-            if step % t.log_interval == 0 or last:
+            if (step % t.log_interval == 0 or last) and window_steps:
                 tps = window_steps * self.tokens_per_step / window_time
                 self.metrics.log(step, loss=window_loss_sum / window_steps, lr=lr, grad_norm=grad_norm,
                                  tokens_per_s=tps, mfu=tps * self.flops_per_token / self.peak,
@@ -277,8 +319,13 @@ class Trainer:
             if self.eval_stream is not None and (step % t.eval_interval == 0 or step == t.steps):
                 summary["eval_loss"] = self.evaluate()
                 self.metrics.log(step, eval_loss=summary["eval_loss"])
-            if step % t.save_interval == 0 or last:
+            preempted = preemption is not None and preemption.agreed(self.layout.device)
+            if step % t.save_interval == 0 or last or (preempted and self.saved_step != step):
                 self.save(step)
+            if preempted:
+                summary["preempted"] = preemption.received or "a signal on another rank"
+                self.metrics.log(step, preempted=1)
+                break
             if step == t.exit_at_step:
                 break
         summary["step"] = step
@@ -309,12 +356,16 @@ def main(argv=None) -> dict:
         distributed.set_threads(cfg.train.threads)
         layout = distributed.init(cfg.parallel)
         try:
-            summary = Trainer(cfg, run_dir, layout, tokenizer).fit()
+            with faults.Preemption() as preemption:
+                summary = Trainer(cfg, run_dir, layout, tokenizer).fit(preemption)
         finally:
             distributed.shutdown()
         if layout.rank == 0:
             print("summary: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                          for k, v in summary.items()), flush=True)
+        if "preempted" in summary:
+            # The sbatch script requeues the job on this code; the next start resumes from `latest`.
+            sys.exit(faults.REQUEUE_EXIT_CODE)
         return summary
 
 

@@ -30,6 +30,14 @@ def corpus():
                            corpus=DATA / "corpus")
 
 
+@pytest.fixture(scope="session")
+def baseline(corpus, tmp_path_factory):
+    """The SHORT_RUN tiny model at TP=1, DP=1, one process: the curve many tests compare against (read only)."""
+    run_dir = tmp_path_factory.mktemp("runs") / "baseline"
+    train(run_dir)
+    return run_dir
+
+
 def run_cli(args: list[str], nproc: int = 1, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m ...` (under torchrun when nproc > 1) from the repo root."""
     # In-process fixtures (world_of_one) export RANK/MASTER_PORT...; a child must find its own world.

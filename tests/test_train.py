@@ -24,14 +24,6 @@ def assert_same_curve(a, b, rtol):
 
 
 @pytest.fixture(scope="module")
-def baseline(corpus, tmp_path_factory):
-    """TP=1, DP=1, one process."""
-    run_dir = tmp_path_factory.mktemp("runs") / "baseline"
-    train(run_dir)
-    return run_dir
-
-
-@pytest.fixture(scope="module")
 def tp2(corpus, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "tp2"
     train(run_dir, ["parallel.tp=2"], nproc=2)

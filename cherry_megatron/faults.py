@@ -1,0 +1,102 @@
+"""What a long run meets on a cluster: preemption signals, hung steps, non-finite losses, and (for tests)
+faults injected on purpose.
+
+- `Preemption`: SIGUSR1 (SLURM's `--signal=USR1@120` warning) and SIGTERM (scancel, time limit, a node
+  drain) only set a flag; the trainer checks it after each step, every rank agreeing through one
+  all-reduce, saves a checkpoint and exits with `REQUEUE_EXIT_CODE`, which the sbatch script turns into
+  `scontrol requeue`. The handlers are process-wide, so they are installed for the run and restored after.
+- `StepWatchdog`: `faulthandler.dump_traceback_later` armed around each step: a step that hangs (a lost
+  peer in a collective, a wedged file system) dumps every thread's stack and exits instead of holding the
+  allocation until the time limit.
+- `injected(kind, step)`: test hooks from `CHERRY_FAULT_INJECT`, e.g. `nan_loss@3,crash_in_save@6,hang@5,pause@4`;
+  unset in real runs, where it costs one dict lookup.
+"""
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"; launchers/slurm requeues the job on it
+FAULT_ENV = "CHERRY_FAULT_INJECT"
+
+
+class Preemption:
+    """A stop requested by a signal, honoured at the next step boundary by every rank."""
+
+    def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM)):
+        self.signals, self.received, self._previous = signals, None, {}
+
+    def __enter__(self) -> "Preemption":
+        for s in self.signals:
+            self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank if any rank got a signal: a rank that stops alone would hang the others.
+        SLURM signals every task, but not at the same instant."""
+        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+class StepWatchdog:
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+
+    def arm(self) -> None:
+        if self.timeout_s > 0:
+            faulthandler.dump_traceback_later(self.timeout_s, exit=True, file=sys.stderr)
+
+    def disarm(self) -> None:
+        if self.timeout_s > 0:
+            faulthandler.cancel_dump_traceback_later()
+
+
+def _plan() -> dict[str, set[int]]:
+    out: dict[str, set[int]] = {}
+    for item in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
+        kind, _, step = item.partition("@")
+        out.setdefault(kind.strip(), set()).add(int(step))
+    return out
+
+
+def injected(kind: str, step: int) -> bool:
+    """Whether the test asked for fault `kind` at (1-based) training step `step`."""
+    return FAULT_ENV in os.environ and step in _plan().get(kind, ())
+
+
+def stall(step: int) -> None:
+    """`hang@N`: step N never ends; `pause@N`: step N takes 3 s longer (for a signal to arrive during it)."""
+    for kind, seconds in (("hang", 3600.0), ("pause", 3.0)):
+        if injected(kind, step):
+            sys.stderr.write(f"fault injected: {kind} at step {step}\n")
+            sys.stderr.flush()
+            time.sleep(seconds)
+
+
+def crash_during_save(engine) -> None:
+    """Make the engine's next checkpoint die after writing its first file, as a node lost mid-save would."""
+    ce = engine.checkpoint_engine
+    save = ce.save
+
+    def first_then_crash(state_dict, path):
+        save(state_dict, path)
+        sys.stderr.write(f"fault injected: crash after writing {path}\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+    ce.save = first_then_crash
