@@ -364,7 +364,10 @@ def main(argv=None) -> dict:
             print("summary: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                          for k, v in summary.items()), flush=True)
         if "preempted" in summary:
-            # The sbatch script requeues the job on this code; the next start resumes from `latest`.
+            # The sbatch script requeues the job when it finds the marker (torchrun does not pass exit codes
+            # on); the next start resumes from `latest`.
+            if layout.rank == 0:
+                atomic_write_text(run_dir / "preempted", f"{summary['preempted']} at step {summary['step']}\n")
             sys.exit(faults.REQUEUE_EXIT_CODE)
         return summary
 

@@ -1,0 +1,189 @@
+"""Submit a training run to SLURM.
+
+    python -m cherry_megatron.launch.slurm submit --config PRESET_OR_YAML --run-dir DIR --nodes N
+        --gpus-per-node G [--tasks-per-node T] [--cpus-per-task C] [--partition P] [--time T]
+        [--account A] [--launcher srun|torchrun] [--dry-run] [--set key=value ...]
+
+Everything is checked before anything is written or submitted: the partition (it exists, has N nodes
+with the CPUs and GPUs asked for), then the config at the world size the job will have (N x tasks per
+node), the run dir (a different run's is refused) and the data files. The job runs in the directory the
+submit ran in (relative data paths mean the same to both; the package must be installed in --python's
+environment, as `make setup` does). The batch script
+(launchers/slurm/train.sbatch, filled in) is written to DIR/slurm/ and submitted; logs go to
+DIR/slurm/<job name>-<job id>.out, appended across requeues. `--dry-run` prints the script instead.
+
+Launchers: `srun` (default) starts one task per GPU (per `--tasks-per-node` on CPU-only nodes: gloo);
+`torchrun` starts one task per node that runs torchrun over the node's GPUs. Either way the trainer
+reads its rank from the environment (cherry_megatron.distributed).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from cherry_megatron.errors import ConfigError, UserError, cli_errors
+
+REPO = Path(__file__).resolve().parents[2]
+TEMPLATE = REPO / "launchers" / "slurm" / "train.sbatch"
+
+
+@dataclass
+class Partition:
+    name: str
+    nodes: int
+    cpus: int  # per node (the smallest node's)
+    gpus: int  # per node (the smallest node's)
+
+
+def partition_info(name: str) -> Partition:
+    """The partition from `sinfo` (the default one when name is ""): its node count and per-node CPUs/GPUs."""
+    args = ["sinfo", "-h", "-N", "-o", "%P|%N|%c|%G"]
+    out = subprocess.run(args + (["-p", name] if name else []), capture_output=True, text=True, timeout=30)
+    if out.returncode != 0:
+        raise UserError(f"sinfo failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
+    rows = [line.split("|") for line in out.stdout.splitlines() if line.strip()]
+    if not name:
+        rows = [r for r in rows if r[0].endswith("*")]
+        if not rows:
+            raise UserError("the cluster has no default partition: give --partition")
+    if not rows:
+        raise UserError(f"unknown partition '{name}' (sinfo lists: {', '.join(list_partitions())})")
+    nodes = {r[1]: (int(r[2]), gres_gpus(r[3])) for r in rows}
+    return Partition(rows[0][0].rstrip("*"), len(nodes), min(c for c, _ in nodes.values()),
+                     min(g for _, g in nodes.values()))
+
+
+def list_partitions() -> list[str]:
+    out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=30).stdout
+    return sorted({p.strip().rstrip("*") for p in out.split()})
+
+
+def gres_gpus(gres: str) -> int:
+    """GPUs per node from sinfo's %G: 'gpu:8', 'gpu:h100:8(S:0-1)', '(null)'."""
+    return sum(int(m.group(1)) for m in re.finditer(r"gpu(?::[\w-]+)?:(\d+)", gres))
+
+
+def check_fits(args, part: Partition) -> None:
+    if args.nodes > part.nodes:
+        raise UserError(f"--nodes {args.nodes} but partition '{part.name}' has {part.nodes} nodes")
+    tasks = 1 if args.launcher == "torchrun" else tasks_per_node(args)
+    if tasks * args.cpus_per_task > part.cpus:
+        raise UserError(f"{tasks} tasks x {args.cpus_per_task} CPUs per node is more than the {part.cpus} CPUs of "
+                        f"partition '{part.name}''s nodes")
+    if args.gpus_per_node > part.gpus:
+        raise UserError(f"--gpus-per-node {args.gpus_per_node} but partition '{part.name}''s nodes have "
+                        f"{part.gpus} GPUs")
+
+
+def tasks_per_node(args) -> int:
+    """Training processes per node: one per GPU, or --tasks-per-node on CPU-only nodes."""
+    return args.gpus_per_node or args.tasks_per_node
+
+
+def check_run(args, world: int):
+    """The config at the job's world size, the run dir and the data, as the trainer will check them."""
+    from cherry_megatron.checkpoint.run_dir import check_run_dir
+    from cherry_megatron.config import load_config, validate
+    from cherry_megatron.data.tokenizer import load_tokenizer
+    from cherry_megatron.train import check_data, resolve_vocab
+
+    cfg = load_config(args.config, [o for group in args.overrides for o in group])
+    validate(cfg, world)
+    resolve_vocab(cfg, load_tokenizer(cfg.data.tokenizer_model).vocab_size)
+    check_data(cfg)
+    check_run_dir(args.run_dir, cfg)
+    return cfg
+
+
+def render(args, cfg) -> str:
+    run_dir, py = args.run_dir.resolve(), shlex.quote(str(Path(args.python).absolute()))
+    sets = [o for group in args.overrides for o in group]
+    config = str(Path(args.config).resolve()) if Path(args.config).is_file() else args.config
+    train = f"-m cherry_megatron.train --config {shlex.quote(config)} --run-dir {shlex.quote(str(run_dir))}" + \
+        (" --set " + " ".join(shlex.quote(s) for s in sets) if sets else "")
+    if args.launcher == "torchrun":
+        # $SLURM_NODEID must be read inside each task, not in the batch shell.
+        inner = (f"exec {py} -m torch.distributed.run --nnodes $SLURM_NNODES --node_rank $SLURM_NODEID "
+                 f"--nproc_per_node {tasks_per_node(args)} --master_addr $MASTER_ADDR --master_port $MASTER_PORT {train}")
+        launch = f"srun --kill-on-bad-exit=1 bash -c {shlex.quote(inner)}"
+        threads = max(1, args.cpus_per_task // tasks_per_node(args))
+    else:
+        launch = f"srun --kill-on-bad-exit=1 {py} {train}"
+        threads = args.cpus_per_task
+    site = "".join(f"#SBATCH --{k}={v}\n" for k, v in (("partition", args.partition), ("time", args.time),
+                                                         ("account", args.account)) if v)
+    if args.gpus_per_node:
+        site += f"#SBATCH --gpus-per-node={args.gpus_per_node}\n"
+    values = {"JOB_NAME": args.job_name or f"cherry-{cfg.name}", "NODES": args.nodes,
+              "TASKS_PER_NODE": 1 if args.launcher == "torchrun" else tasks_per_node(args),
+              "CPUS_PER_TASK": args.cpus_per_task, "SITE": site, "RUN_DIR": shlex.quote(str(run_dir)),
+              "WORKDIR": shlex.quote(str(Path.cwd())), "THREADS": threads, "LAUNCH": launch}
+    text = TEMPLATE.read_text()
+    for key, value in values.items():
+        text = text.replace("{{" + key + "}}", str(value))
+    return text
+
+
+def submit(args) -> str:
+    from cherry_megatron.checkpoint.run_dir import atomic_write_text
+
+    if args.nodes < 1 or tasks_per_node(args) < 1 or args.cpus_per_task < 1:
+        raise ConfigError("--nodes, --tasks-per-node (or --gpus-per-node) and --cpus-per-task must be >= 1")
+    if args.launcher == "torchrun" and not args.gpus_per_node:
+        raise ConfigError("--launcher torchrun starts one process per GPU: give --gpus-per-node (or use srun)")
+    if shutil.which("sinfo") is not None:
+        check_fits(args, partition_info(args.partition))
+    elif not args.dry_run:
+        raise UserError("sinfo/sbatch not found: run this on a SLURM login node (or pass --dry-run)")
+    cfg = check_run(args, args.nodes * tasks_per_node(args))
+    script = render(args, cfg)
+    if args.dry_run:
+        print(script, end="")
+        return ""
+    logs = args.run_dir.resolve() / "slurm"
+    logs.mkdir(parents=True, exist_ok=True)
+    path = logs / "train.sbatch"
+    atomic_write_text(path, script)
+    out = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise UserError(f"sbatch refused the job: {out.stderr.strip()}")
+    job = out.stdout.strip().split(";")[0]
+    print(f"submitted job {job}: {path}, log {logs}/{args.job_name or f'cherry-{cfg.name}'}-{job}.out", flush=True)
+    return job
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("submit", help="check, write and submit the batch script")
+    s.add_argument("--config", required=True)
+    s.add_argument("--run-dir", type=Path, required=True, help="on a filesystem every node sees")
+    s.add_argument("--nodes", type=int, required=True)
+    s.add_argument("--gpus-per-node", type=int, required=True, help="0 on CPU-only nodes (gloo)")
+    s.add_argument("--tasks-per-node", type=int, default=1, help="processes per CPU-only node")
+    s.add_argument("--cpus-per-task", type=int, default=8)
+    s.add_argument("--partition", default="")
+    s.add_argument("--time", default="", help="SLURM time limit, e.g. 2-00:00:00")
+    s.add_argument("--account", default="")
+    s.add_argument("--job-name", default="")
+    s.add_argument("--launcher", choices=("srun", "torchrun"), default="srun")
+    s.add_argument("--python", default=sys.executable, help="the interpreter on the compute nodes")
+    s.add_argument("--dry-run", action="store_true", help="check and print the script; submit nothing")
+    s.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> str:
+    args = parse_args(argv)
+    with cli_errors():
+        return submit(args)
+
+
+if __name__ == "__main__":
+    main()
