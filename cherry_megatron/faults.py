@@ -1,13 +1,16 @@
 """What a long run meets on a cluster: preemption signals, hung steps, non-finite losses, and (for tests)
 faults injected on purpose.
 
-- `Preemption`: SIGUSR1 (SLURM's `--signal=USR1@120` warning) and SIGTERM (scancel, time limit, a node
-  drain) only set a flag; the trainer checks it after each step, every rank agreeing through one
-  all-reduce, saves a checkpoint and exits with `REQUEUE_EXIT_CODE`, which the sbatch script turns into
-  `scontrol requeue`. The handlers are process-wide, so they are installed for the run and restored after.
-- `StepWatchdog`: `faulthandler.dump_traceback_later` armed around each step: a step that hangs (a lost
-  peer in a collective, a wedged file system) dumps every thread's stack and exits instead of holding the
-  allocation until the time limit.
+- `Preemption`: SIGUSR1 (SLURM's `--signal=USR1@120` warning before the time limit, or `scancel
+  --signal=USR1`) and SIGTERM (scancel, a node drain) only set a flag; after each step every rank agrees
+  through one all-reduce, saves a checkpoint, rank 0 leaves a `preempted` marker in the run dir, and all
+  exit with `REQUEUE_EXIT_CODE`. The batch script requeues the job when it finds the marker (exit codes do
+  not pass through torchrun). A SIGTERM from scancel also ends the batch shell, so that job is not
+  requeued, but its checkpoint is there for a resubmit. The handlers are process-wide, so they are
+  installed for the run and restored after.
+- `StepWatchdog`: `faulthandler.dump_traceback_later` armed around each training iteration (step, eval,
+  save): one that hangs (a lost peer in a collective, a wedged file system) dumps every thread's stack
+  and exits instead of holding the allocation until the time limit.
 - `injected(kind, step)`: test hooks from `CHERRY_FAULT_INJECT`, e.g. `nan_loss@3,crash_in_save@6,hang@5,pause@4`;
   unset in real runs, where it costs one dict lookup.
 """
@@ -22,7 +25,7 @@ import time
 import torch
 import torch.distributed as dist
 
-REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"; launchers/slurm requeues the job on it
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later" (the requeue itself keys on the marker file)
 FAULT_ENV = "CHERRY_FAULT_INJECT"
 
 
@@ -79,13 +82,22 @@ def injected(kind: str, step: int) -> bool:
     return FAULT_ENV in os.environ and step in _plan().get(kind, ())
 
 
-def stall(step: int) -> None:
-    """`hang@N`: step N never ends; `pause@N`: step N takes 3 s longer (for a signal to arrive during it)."""
-    for kind, seconds in (("hang", 3600.0), ("pause", 3.0)):
-        if injected(kind, step):
-            sys.stderr.write(f"fault injected: {kind} at step {step}\n")
-            sys.stderr.flush()
-            time.sleep(seconds)
+def stall(step: int, preemption: "Preemption | None" = None) -> None:
+    """`hang@N`: step N never ends. `pause@N`: step N waits until this rank has a signal, or 5 s (a rank
+    the test does not signal waits those out), so a test can signal during the step under any load."""
+    if injected("hang", step):
+        _say(f"hang at step {step}")
+        time.sleep(3600)
+    if injected("pause", step):
+        _say(f"pause at step {step}")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not (preemption and preemption.received):
+            time.sleep(0.1)
+
+
+def _say(what: str) -> None:
+    sys.stderr.write(f"fault injected: {what}\n")
+    sys.stderr.flush()
 
 
 def crash_during_save(engine) -> None:
@@ -95,8 +107,7 @@ def crash_during_save(engine) -> None:
 
     def first_then_crash(state_dict, path):
         save(state_dict, path)
-        sys.stderr.write(f"fault injected: crash after writing {path}\n")
-        sys.stderr.flush()
+        _say(f"crash after writing {path}")
         os._exit(1)
 
     ce.save = first_then_crash

@@ -95,7 +95,7 @@ class Trainer:
         if self.sgt is not None:
             self.flops_per_token -= self.sgt.head_flops_saved(cfg.model)
         self.gamma_sum, self.gamma_n = 0.0, 0
-        self.skipped_steps, self.nan_run, self.saved_step = 0, 0, 0
+        self.nan_run, self.saved_step = 0, 0
         self.aux_sums: dict[str, torch.Tensor] = {}
         if self.is_logger:
             counts = parameter_count(cfg)
@@ -238,14 +238,13 @@ class Trainer:
         """A checkpoint becomes `latest` only once every rank has written all its files, and `latest` is
         replaced atomically: a crash mid-save leaves the previous checkpoint the one resumed from."""
         client = {"step": step, "consumed_samples": step * self.cfg.train.global_batch_size,
-                  "cherry_config": self.cfg.to_dict(), "gamma_sum": self.gamma_sum, "gamma_n": self.gamma_n,
-                  "skipped_steps": self.skipped_steps}
+                  "cherry_config": self.cfg.to_dict(), "gamma_sum": self.gamma_sum, "gamma_n": self.gamma_n}
         ckpt, tag = checkpoint_dir(self.run_dir), f"global_step{step}"
         if faults.injected("crash_in_save", step):
             faults.crash_during_save(self.engine)
         self.engine.save_checkpoint(str(ckpt), tag=tag, client_state=client, save_latest=False)
         if dist.is_initialized():
-            dist.barrier()
+            dist.barrier()  # DeepSpeed 0.19.8 ends its save with one too; this one does not depend on that
         if self.layout.rank == 0:
             atomic_write_text(ckpt / "latest", tag)
         self.saved_step = step
@@ -258,7 +257,6 @@ class Trainer:
         if path is None or "step" not in (client or {}):
             raise CheckpointError(f"cannot load the latest checkpoint in {ckpt}")
         self.gamma_sum, self.gamma_n = client.get("gamma_sum", 0.0), client.get("gamma_n", 0)
-        self.skipped_steps = client.get("skipped_steps", 0)
         return int(client["step"])
 
     def check_loss(self, step: int, loss: float, skipped_before: int) -> bool:
@@ -271,14 +269,57 @@ class Trainer:
             raise TrainingError(f"step {step}: loss is {loss} and the update was applied (this optimizer does not "
                                 f"skip non-finite gradients, e.g. ZeRO stage 0 in fp32): resume from the last checkpoint")
         self.nan_run += 1
-        self.skipped_steps += 1
-        self.metrics.log(step, skipped_step=1, skipped_steps_total=self.skipped_steps)
+        self.metrics.log(step, skipped_step=1, skipped_steps_total=self.engine.skipped_steps)
         limit = self.cfg.train.max_nan_steps
         if self.nan_run >= limit:
             raise TrainingError(f"{self.nan_run} steps in a row had a non-finite loss (train.max_nan_steps={limit}), "
                                 f"last at step {step}; their updates were skipped, the last checkpoint is step "
                                 f"{self.saved_step}: lower train.lr or check the data")
         return False
+
+    def iteration(self, step: int, summary: dict, window: dict, preemption: faults.Preemption | None) -> int:
+        """One training step and what falls due after it (logs, eval, checkpoint, a preemption stop)."""
+        t = self.cfg.train
+        probing = self.sgt is not None and self.cfg.sgt.probe_interval and step % self.cfg.sgt.probe_interval == 0
+        probe = self.probe(step) if probing else None
+        t0, skipped_before, aux_before = time.perf_counter(), self.engine.skipped_steps, dict(self.aux_sums)
+        faults.stall(step + 1, preemption)
+        loss, grad_norm, lr = self.step(step)
+        if probe is not None:
+            self.metrics.log(step + 1, **self.probe_after(probe))
+        step += 1
+        if self.check_loss(step, loss, skipped_before):
+            window["loss"] += loss
+            window["steps"] += 1
+            window["time"] += time.perf_counter() - t0
+        else:
+            self.aux_sums = aux_before  # a skipped step adds nothing to the logged means
+        last = step == t.steps or step == t.exit_at_step
+        if (step % t.log_interval == 0 or last) and window["steps"]:
+            n, tps = window["steps"], window["steps"] * self.tokens_per_step / window["time"]
+            self.metrics.log(step, loss=window["loss"] / n, lr=lr, grad_norm=grad_norm, tokens_per_s=tps,
+                             mfu=tps * self.flops_per_token / self.peak, consumed_tokens=step * self.tokens_per_step,
+                             step_time_s=window["time"] / n, **{k: self._dp_mean(v) / n for k, v in self.aux_sums.items()})
+            self.aux_sums = {}
+            summary.update(loss=window["loss"] / n, tokens_per_s=tps)
+            window.update(loss=0.0, steps=0, time=0.0)
+        if self.eval_stream is not None and (step % t.eval_interval == 0 or step == t.steps):
+            summary["eval_loss"] = self.evaluate()
+            self.metrics.log(step, eval_loss=summary["eval_loss"])
+        # A signal at the last step changes nothing: the run is done and must not be requeued.
+        preempted = preemption is not None and preemption.agreed(self.layout.device) and not last
+        if step % t.save_interval == 0 or last or (preempted and self.saved_step != step):
+            self.save(step)
+        if preempted:
+            summary["preempted"] = preemption.received or "a signal on another rank"
+            self.metrics.log(step, preempted=1)
+            if self.layout.rank == 0:
+                # The batch script requeues the job when it finds this marker (exit codes do not pass
+                # through torchrun); written before any rank exits, so an early exit cannot lose it.
+                atomic_write_text(self.run_dir / "preempted", f"{summary['preempted']} at step {step}\n")
+            if dist.is_initialized():
+                dist.barrier()
+        return step
 
     def fit(self, preemption: faults.Preemption | None = None) -> dict:
         t = self.cfg.train
@@ -289,44 +330,15 @@ class Trainer:
         if start == 0 and self.eval_stream is not None:
             summary["eval_loss_start"] = self.evaluate()
             self.metrics.log(0, eval_loss=summary["eval_loss_start"])
-        window_loss_sum, window_steps, window_time = 0.0, 0, 0.0
+        window = {"loss": 0.0, "steps": 0, "time": 0.0}
         step = start
         while step < t.steps:
-            probing = self.sgt is not None and self.cfg.sgt.probe_interval and step % self.cfg.sgt.probe_interval == 0
-            probe = self.probe(step) if probing else None
-            t0, skipped_before = time.perf_counter(), self.engine.skipped_steps
-            watchdog.arm()
-            faults.stall(step + 1)
-            loss, grad_norm, lr = self.step(step)
-            watchdog.disarm()
-            window_time += time.perf_counter() - t0
-            if probe is not None:
-                self.metrics.log(step + 1, **self.probe_after(probe))
-            step += 1
-            if self.check_loss(step, loss, skipped_before):
-                window_loss_sum += loss
-                window_steps += 1
-            last = step == t.steps or step == t.exit_at_step
-            if (step % t.log_interval == 0 or last) and window_steps:
-                tps = window_steps * self.tokens_per_step / window_time
-                self.metrics.log(step, loss=window_loss_sum / window_steps, lr=lr, grad_norm=grad_norm,
-                                 tokens_per_s=tps, mfu=tps * self.flops_per_token / self.peak,
-                                 consumed_tokens=step * self.tokens_per_step, step_time_s=window_time / window_steps,
-                                 **{k: self._dp_mean(v) / window_steps for k, v in self.aux_sums.items()})
-                self.aux_sums = {}
-                summary.update(loss=window_loss_sum / window_steps, tokens_per_s=tps)
-                window_loss_sum, window_steps, window_time = 0.0, 0, 0.0
-            if self.eval_stream is not None and (step % t.eval_interval == 0 or step == t.steps):
-                summary["eval_loss"] = self.evaluate()
-                self.metrics.log(step, eval_loss=summary["eval_loss"])
-            preempted = preemption is not None and preemption.agreed(self.layout.device)
-            if step % t.save_interval == 0 or last or (preempted and self.saved_step != step):
-                self.save(step)
-            if preempted:
-                summary["preempted"] = preemption.received or "a signal on another rank"
-                self.metrics.log(step, preempted=1)
-                break
-            if step == t.exit_at_step:
+            watchdog.arm()  # the whole iteration: step, eval, save and the collectives between them
+            try:
+                step = self.iteration(step, summary, window, preemption)
+            finally:
+                watchdog.disarm()
+            if "preempted" in summary or step == t.exit_at_step:
                 break
         summary["step"] = step
         self.metrics.close()
@@ -363,11 +375,7 @@ def main(argv=None) -> dict:
         if layout.rank == 0:
             print("summary: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                          for k, v in summary.items()), flush=True)
-        if "preempted" in summary:
-            # The sbatch script requeues the job when it finds the marker (torchrun does not pass exit codes
-            # on); the next start resumes from `latest`.
-            if layout.rank == 0:
-                atomic_write_text(run_dir / "preempted", f"{summary['preempted']} at step {summary['step']}\n")
+        if "preempted" in summary:  # checkpointed and marked (Trainer.iteration): the next start resumes
             sys.exit(faults.REQUEUE_EXIT_CODE)
         return summary
 

@@ -1,6 +1,6 @@
 """Run under torchrun (4 ranks): build the real sharded model for each layout TPxPP given and print, per
 rank, the parameters it holds next to tools/plan.py's count for its stage. A layout ending in "p" cuts the
-stages by parameter count (parallel.pipeline_partition=parameters)."""
+stages by parameter count (parallel.pipeline_partition=parameters); one with "t" ties the embeddings.""" 
 import json
 import sys
 
@@ -14,10 +14,10 @@ from cherry_megatron.model.pipeline import build_pipeline
 from tools.plan import rank_parameters
 
 for spec in sys.argv[1:]:
-    partition = "parameters" if spec.endswith("p") else "layers"
-    tp, pp = (int(x) for x in spec.rstrip("p").split("x"))
+    partition = "parameters" if "p" in spec else "layers"
+    tp, pp = (int(x) for x in spec.rstrip("pt").split("x"))
     cfg = load_config("tiny", ["model.num_layers=5", "model.vocab_size=1024", f"parallel.tp={tp}", f"parallel.pp={pp}",
-                               f"parallel.pipeline_partition={partition}"])
+                               f"parallel.pipeline_partition={partition}", f"model.tie_embeddings={'t' in spec}"])
     layout = distributed.init(cfg.parallel)
     torch.manual_seed(0)
     if pp > 1:

@@ -135,39 +135,44 @@ def _losses(run_dir, key="loss"):
     return {r["step"]: r[key] for r in read_metrics(run_dir) if r.get(key) is not None}
 
 
+@pytest.fixture(scope="module")
+def ep2(corpus, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "ep2"
+    train(run_dir, MOEE + ["moee.ep_size=2"], nproc=2)
+    return run_dir
+
+
 @pytest.mark.slow
-def test_expert_and_tensor_parallel_give_the_same_curve(corpus, tmp_path):
+def test_expert_and_tensor_parallel_give_the_same_curve(ep2, tmp_path):
     """ep_size=2 (one expert per rank) and TP=2 (TP-split experts, ZeRO-2) against ep_size=1 on 2 data-parallel ranks."""
     train(tmp_path / "ep1", MOEE, nproc=2)
-    train(tmp_path / "ep2", MOEE + ["moee.ep_size=2"], nproc=2)
     train(tmp_path / "tp2", MOEE + ["parallel.tp=2", "parallel.zero_stage=2"], nproc=2)
     base = _losses(tmp_path / "ep1")
     assert len(base) >= 3 and _losses(tmp_path / "ep1", "mtp_loss")
-    for run in ("ep2", "tp2"):
-        other = _losses(tmp_path / run)
+    for run in (ep2, tmp_path / "tp2"):
+        other = _losses(run)
         assert other.keys() == base.keys()
         for step in base:
             assert other[step] == pytest.approx(base[step], rel=1e-4), (run, step)
-        assert _losses(tmp_path / run, "grad_norm")[6] == pytest.approx(_losses(tmp_path / "ep1", "grad_norm")[6], rel=1e-3)
+        assert _losses(run, "grad_norm")[6] == pytest.approx(_losses(tmp_path / "ep1", "grad_norm")[6], rel=1e-3)
 
 
 @pytest.mark.slow
-def test_moee_checkpoint_saves_resumes_and_converts(corpus, tmp_path):
+def test_moee_checkpoint_saves_resumes_and_converts(ep2, tmp_path):
     sets = MOEE + ["moee.ep_size=2"]
-    train(tmp_path / "full", sets, nproc=2)
     train(tmp_path / "resumed", sets + ["train.exit_at_step=3"], nproc=2)
     proc = train(tmp_path / "resumed", sets, nproc=2)
     assert "start_step=3" in proc.stdout
-    assert _losses(tmp_path / "resumed") == _losses(tmp_path / "full")
+    assert _losses(tmp_path / "resumed") == _losses(ep2)
     # convert: DeepSpeed layout (experts split over 2 ranks) -> one safetensors file -> a 1-process model
-    state, cfg = load_consolidated(tmp_path / "full")
+    state, cfg = load_consolidated(ep2)
     assert sum(".deepspeed_experts." in k for k in state) == 2 * 2 * 2  # layers x experts x (gate_up, down)
     save_consolidated(tmp_path / "export", state, cfg)
     proc = run_cli(["-m", "cherry_megatron.evaluate", "--load", str(tmp_path / "export"), "--data",
                     "data/tokens/heldout_text_document", "--seq-length", "64", "--max-tokens", "1024"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     loss = json.loads(proc.stdout.splitlines()[-1])["loss"]
-    assert math.isfinite(loss) and loss == pytest.approx(_losses(tmp_path / "full", "eval_loss")[6], rel=1e-5)
+    assert math.isfinite(loss) and loss == pytest.approx(_losses(ep2, "eval_loss")[6], rel=1e-5)
 
 
 def test_moee_preset_counts_by_hand():

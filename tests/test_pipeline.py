@@ -29,12 +29,17 @@ def reference(corpus, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tp2pp2(reference, tmp_path_factory):
+    """TP=2 x PP=2, stopped after step 3 (checkpoint) and resumed at the same layout."""
     run_dir = tmp_path_factory.mktemp("runs") / "tp2pp2"
-    train(run_dir, SETS + ["parallel.tp=2", "parallel.pp=2"], nproc=4)
+    sets = SETS + ["parallel.tp=2", "parallel.pp=2"]
+    train(run_dir, sets + ["train.exit_at_step=3"], nproc=4)
+    proc = train(run_dir, sets, nproc=4)
+    assert "start_step=3" in proc.stdout
     return run_dir
 
 
-def test_tp2_pp2_matches_tp1_pp1(reference, tp2pp2):
+def test_tp2_pp2_matches_tp1_pp1_across_a_resume(reference, tp2pp2):
+    """The curve of steps 1-3 and, from the TP2xPP2 checkpoint, 4-6 is the unpipelined one."""
     for key in ("loss", "eval_loss", "grad_norm"):
         assert_same(curve(tp2pp2, key), curve(reference, key), rtol=1e-4)
 
@@ -52,24 +57,13 @@ def test_recurrent_tp2_pp2_matches_tp1_pp1(corpus, tmp_path):
             assert_same(curve(tmp_path / f"tp2pp2{schedule}", key), curve(tmp_path / f"ref{schedule}", key), rtol=1e-4)
 
 
-def test_pp2_dp2_zero1_matches(reference, tmp_path):
-    train(tmp_path / "pp2dp2", SETS + ["parallel.pp=2", "parallel.zero_stage=1"], nproc=4)
-    for key in ("loss", "eval_loss"):
+def test_pp2_dp2_zero1_with_activation_checkpointing_matches(reference, tmp_path):
+    """PP=2 x DP=2 under ZeRO-1, every layer checkpointed: the unpipelined curve (either feature wrong would
+    show; each was also checked alone)."""
+    train(tmp_path / "pp2dp2", SETS + ["parallel.pp=2", "parallel.zero_stage=1", "train.activation_checkpointing=1"],
+          nproc=4)
+    for key in ("loss", "eval_loss", "grad_norm"):
         assert_same(curve(tmp_path / "pp2dp2", key), curve(reference, key), rtol=1e-4)
-
-
-def test_activation_checkpointing_in_a_pipeline_changes_no_loss(reference, tmp_path):
-    train(tmp_path / "ckpt", SETS + ["parallel.pp=2", "train.activation_checkpointing=1"], nproc=2)
-    assert_same(curve(tmp_path / "ckpt", "loss"), curve(reference, "loss"), rtol=1e-4)
-
-
-def test_tp2_pp2_checkpoint_resumes(tp2pp2, tmp_path):
-    sets = SETS + ["parallel.tp=2", "parallel.pp=2"]
-    train(tmp_path / "resumed", sets + ["train.exit_at_step=3"], nproc=4)
-    proc = train(tmp_path / "resumed", sets, nproc=4)
-    assert "start_step=3" in proc.stdout
-    assert curve(tmp_path / "resumed", "loss") == curve(tp2pp2, "loss")
-    assert curve(tmp_path / "resumed", "eval_loss") == curve(tp2pp2, "eval_loss")
 
 
 def test_tied_embeddings_stay_identical_on_first_and_last_stage(corpus, tmp_path):
@@ -112,16 +106,13 @@ MOEE = ["model.num_layers=4", "recurrent.num_blocks=2", "recurrent.lora_rank=4",
 def test_moee_with_mtp_in_a_pipeline_matches_the_unpipelined_model(corpus, tmp_path):
     """A routed recurrent model (each block's MLP 2 experts, both blocks on both stages, so experts tied
     across stages) with an MTP head: its router and MTP losses join the gradient on the stage they arise
-    on. TP=2 x PP=2, and PP=2 x DP=2 with the experts split over the DP ranks (ep_size=2), both give the
-    unpipelined curves: loss, eval loss, grad norm and each auxiliary loss. (PP=2 x DP=2 stopped at step 3
-    and resumed gave the same curve too: checked by hand, left out of CI for time.)"""
+    on. TP=2 x PP=2 gives the unpipelined curves: loss, eval loss, grad norm and each auxiliary loss.
+    (PP=2 x DP=2 with the experts split over the DP ranks, ep_size=2, stopped at step 3 and resumed, gave
+    them too: checked by hand with the trainer, left out of CI for time.)"""
     train(tmp_path / "ref", MOEE, config="recurrent-tiny")
     train(tmp_path / "tp2pp2", MOEE + ["parallel.tp=2", "parallel.pp=2"], config="recurrent-tiny", nproc=4)
-    train(tmp_path / "pp2ep2", MOEE + ["parallel.pp=2", "moee.ep_size=2"], config="recurrent-tiny", nproc=4)
-    keys = ("loss", "eval_loss", "grad_norm", "load_balance_loss", "router_z_loss", "mtp_loss")
-    for run in ("tp2pp2", "pp2ep2"):
-        for key in keys:
-            assert_same(curve(tmp_path / run, key), curve(tmp_path / "ref", key), rtol=1e-4)
+    for key in ("loss", "eval_loss", "grad_norm", "load_balance_loss", "router_z_loss", "mtp_loss"):
+        assert_same(curve(tmp_path / "tp2pp2", key), curve(tmp_path / "ref", key), rtol=1e-4)
 
 
 def test_plan_counts_each_ranks_parameters_as_the_real_sharded_model():
@@ -129,7 +120,7 @@ def test_plan_counts_each_ranks_parameters_as_the_real_sharded_model():
 
     from conftest import run_cli
 
-    layouts = ["2x2", "1x4", "1x4p", "1x2", "2x1"]
+    layouts = ["2x2", "1x4", "1x4p", "1x4pt", "2x1"]
     proc = run_cli(["-m", "tests.check_plan_counts", *layouts], nproc=4)
     assert proc.returncode == 0, proc.stderr[-3000:]
     import re

@@ -64,6 +64,13 @@ class LocalSlurm:
         return subprocess.run(cmd, env=self.env, capture_output=True, text=True, check=check, timeout=60)
 
     def start(self, timeout: float = 60) -> None:
+        try:
+            self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout: float) -> None:
         host = socket.gethostname().split(".")[0]
         for d in ("state", *(f"spool/{n}" for n in NODES)):
             (self.root / d).mkdir(parents=True, exist_ok=True)
@@ -96,16 +103,26 @@ class LocalSlurm:
         subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=True)
         self.started_munge = True
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30) -> None:
+        """Cancel every job (their processes outlive slurmd otherwise), then stop the daemons and wait."""
+        if self.conf.exists() and (self.root / "slurmctld.pid").exists():
+            self.run("scancel", "--full", "--user", "root", check=False)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and self.run("squeue", "-h", check=False).stdout.strip():
+                time.sleep(0.5)
         pidfiles = [self.root / f"slurmd.{n}.pid" for n in NODES] + [self.root / "slurmctld.pid"]
         if self.started_munge:
             pidfiles.append(Path("/run/munge/munged.pid"))
+        pids = []
         for pidfile in pidfiles:
             try:
-                os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
+                pids.append(int(pidfile.read_text().strip()))
+                os.kill(pids[-1], signal.SIGTERM)
             except (FileNotFoundError, ValueError, ProcessLookupError):
                 pass
-        time.sleep(0.5)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
+            time.sleep(0.2)
 
 
 def main(argv=None) -> None:

@@ -37,12 +37,13 @@ GIB = 1024 ** 3
 
 
 def layer_sizes(m, tp: int) -> list[int]:
-    """Parameters one TP rank holds of each pipeline layer [embed, blocks..., norm + head] (vocab padded)."""
+    """Parameters one TP rank holds of each pipeline layer as `build_pipeline` lists them (vocab padded):
+    [embed, blocks..., norm + head], or with tied embeddings [embed, blocks..., norm, embed copy + head]."""
     from cherry_megatron.model.gpt import count_parameters
 
-    per_layer, h = count_parameters(m)["per_layer"], m.hidden_size
-    return [m.vocab_size * h // tp] + [(per_layer - 2 * h) // tp + 2 * h] * m.num_layers + \
-        [m.vocab_size * h // tp + h]
+    per_layer, h, emb = count_parameters(m)["per_layer"], m.hidden_size, m.vocab_size * m.hidden_size // tp
+    blocks = [(per_layer - 2 * h) // tp + 2 * h] * m.num_layers
+    return [emb, *blocks, h, emb] if m.tie_embeddings else [emb, *blocks, emb + h]
 
 
 def stage_bounds(m, tp: int, pp: int, partition: str = "layers") -> list[int]:
@@ -50,7 +51,8 @@ def stage_bounds(m, tp: int, pp: int, partition: str = "layers") -> list[int]:
     cuts them (`parallel.pipeline_partition`: equal block counts, or equal parameter counts)."""
     from deepspeed.runtime import utils as ds_utils
 
-    weights = layer_sizes(m, tp) if partition == "parameters" else [0] + [1] * m.num_layers + [0]
+    sizes = layer_sizes(m, tp)
+    weights = sizes if partition == "parameters" else [0] + [1] * m.num_layers + [0] * (len(sizes) - m.num_layers - 1)
     return ds_utils.partition_balanced(weights=weights, num_parts=pp)
 
 

@@ -108,8 +108,9 @@ def render(args, cfg) -> str:
     train = f"-m cherry_megatron.train --config {shlex.quote(config)} --run-dir {shlex.quote(str(run_dir))}" + \
         (" --set " + " ".join(shlex.quote(s) for s in sets) if sets else "")
     if args.launcher == "torchrun":
-        # $SLURM_NODEID must be read inside each task, not in the batch shell.
-        inner = (f"exec {py} -m torch.distributed.run --nnodes $SLURM_NNODES --node_rank $SLURM_NODEID "
+        # $SLURM_NODEID must be read inside each task, not in the batch shell. torchrun's agent dies of
+        # SIGUSR1 (it handles TERM/INT/HUP/QUIT only): it ignores it, the trainers install their handler.
+        inner = (f"trap '' USR1; exec {py} -m torch.distributed.run --nnodes $SLURM_NNODES --node_rank $SLURM_NODEID "
                  f"--nproc_per_node {tasks_per_node(args)} --master_addr $MASTER_ADDR --master_port $MASTER_PORT {train}")
         launch = f"srun --kill-on-bad-exit=1 bash -c {shlex.quote(inner)}"
         threads = max(1, args.cpus_per_task // tasks_per_node(args))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the Debian packages of a single-machine SLURM cluster (tests/slurm_cluster.py runs it), without
+# Install the Debian packages of a single-machine SLURM cluster (tests/test_slurm.py runs it), without
 # letting the packages start their daemons: the test starts its own, with its own config.
 # Needs root and apt; about 10 s. Does nothing if slurmctld is already installed.
 set -euo pipefail
