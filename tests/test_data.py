@@ -36,20 +36,25 @@ def test_preprocess_jsonl_reads_back_token_for_token(corpus, tmp_path):
 
 
 def test_preprocess_txt_splits_on_blank_lines(corpus, tmp_path):
+    from tools.preprocess_data import main
+
     src = tmp_path / "docs.txt"
     src.write_text("첫 번째 문서입니다.\n둘째 줄.\n\n두 번째 문서.\n", encoding="utf-8")
-    proc = run_cli(["tools/preprocess_data.py", "--input", str(src), "--tokenizer-model", str(corpus.tokenizer),
-                    "--output-prefix", str(tmp_path / "out"), "--workers", "1"])
-    assert proc.returncode == 0, proc.stderr
+    main(["--input", str(src), "--tokenizer-model", str(corpus.tokenizer), "--output-prefix", str(tmp_path / "out"),
+          "--workers", "1"])
     ds = open_indexed(str(tmp_path / "out"))
     expected, _ = _expected(corpus.tokenizer, ["첫 번째 문서입니다.\n둘째 줄.", "두 번째 문서."])
     assert [ds[i].tolist() for i in range(len(ds))] == expected
 
 
-def test_preprocess_missing_input_leaves_nothing(corpus, tmp_path):
-    proc = run_cli(["tools/preprocess_data.py", "--input", str(tmp_path / "nope.jsonl"), "--tokenizer-model",
-                    str(corpus.tokenizer), "--output-prefix", str(tmp_path / "out")])
-    assert proc.returncode == 2 and error_lines(proc) == [f"error: input file not found: {tmp_path / 'nope.jsonl'}"]
+def test_preprocess_missing_input_leaves_nothing(corpus, tmp_path, capsys):
+    from tools.preprocess_data import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--input", str(tmp_path / "nope.jsonl"), "--tokenizer-model", str(corpus.tokenizer),
+              "--output-prefix", str(tmp_path / "out")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert exit_.value.code == 2 and err == [f"error: input file not found: {tmp_path / 'nope.jsonl'}"]
     assert list(tmp_path.iterdir()) == []
 
 

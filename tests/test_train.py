@@ -4,7 +4,7 @@ import json
 import pytest
 
 from cherry_megatron.metrics import read_metrics
-from conftest import error_lines, run_cli, train
+from conftest import SHORT_RUN, error_lines, run_cli, train
 
 pytestmark = pytest.mark.slow
 
@@ -94,13 +94,20 @@ def test_evaluate_cli_reproduces_trainer_eval_from_tp2_checkpoint(tp2):
     (["data.paths=[data/tokens/nope]"], "error: missing data file data/tokens/nope.idx"),
     (["parallel.tp=3"], "error: parallel.tp=3 does not divide the attention heads"),
 ])
-def test_bad_input_is_one_error_line(corpus, tmp_path, sets, message):
-    proc = train(tmp_path / "run", sets, check=False)
-    assert proc.returncode == 2
-    lines = error_lines(proc)
-    assert len(lines) == 1 and lines[0].startswith(message), proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+def test_bad_input_is_one_error_line(corpus, tmp_path, sets, message, capsys):
+    """In-process (the CLI's own `main`, as `python -m` runs it; the first case also as a real process)."""
+    from cherry_megatron.train import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", "tiny", "--run-dir", str(tmp_path / "run"), "--set", *SHORT_RUN, *sets])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert exit_.value.code == 2 and len(lines) == 1 and lines[0].startswith(message), err[-2000:]
     assert not (tmp_path / "run").exists()  # nothing half-written
+    if sets == ["model.hiden_size=3"]:
+        proc = train(tmp_path / "run", sets, check=False)
+        assert proc.returncode == 2 and error_lines(proc) == lines and "Traceback" not in proc.stderr
+        assert not (tmp_path / "run").exists()
 
 
 def test_truncated_data_file_is_one_error_line(corpus, tmp_path):
