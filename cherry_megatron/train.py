@@ -63,20 +63,19 @@ class Trainer:
         self.cfg, self.run_dir, self.layout = cfg, run_dir, layout
         self.dp_group = parallel_state.get_data_parallel_group()
         torch.manual_seed(cfg.train.seed)  # same seed on every rank: TP slices of one master weight
-        state = load_consolidated(cfg.model.init_from)[0] if cfg.model.init_from else None
+        model = build_model(cfg)
+        if cfg.model.init_from:
+            state = load_consolidated(cfg.model.init_from)[0]
+            # MTP modules added to a model trained without them start from their initialisation.
+            fresh = ("mtp.",) if cfg.moee.mtp_depth and not any(k.startswith("mtp.") for k in state) else ()
+            load_into(model, state, f"model.init_from={cfg.model.init_from}", fresh)
         self.pipeline = cfg.parallel.pp > 1
         if self.pipeline:
             from cherry_megatron.model.pipeline import build_pipeline
 
             topology = distributed.topology(cfg.parallel, layout.world)
             distributed.check_topology(topology)
-            model = build_pipeline(cfg, topology, state)
-        else:
-            model = build_model(cfg)
-            if state is not None:
-                # MTP modules added to a model trained without them start from their initialisation.
-                fresh = ("mtp.",) if cfg.moee.mtp_depth and not any(k.startswith("mtp.") for k in state) else ()
-                load_into(model, state, f"model.init_from={cfg.model.init_from}", fresh)
+            model = build_pipeline(cfg, topology, model)
         self.engine, self.ds_config = build_engine(model, cfg, layout.dp, layout.device)
         cache = cfg.data.cache_dir or str(run_dir / "data_cache")
         self.data = TrainData(cfg, tokenizer, layout.dp_rank, layout.dp, cache)
@@ -110,8 +109,7 @@ class Trainer:
         if self.pipeline:  # DeepSpeed's schedule runs the micro-batches; its loss is averaged over them and DP
             from cherry_megatron.model.pipeline import pipe_batch
 
-            carry = bool(self.cfg.moee.mtp_depth)
-            batches = [pipe_batch(self.batch(step, m), carry) for m in range(self.data.grad_accum)]
+            batches = [pipe_batch(self.batch(step, m), self.cfg) for m in range(self.data.grad_accum)]
             loss = self.engine.train_batch(iter(batches))
             self._pipeline_aux()
             norm = self.engine.get_global_grad_norm()
@@ -221,7 +219,7 @@ class Trainer:
                 tokens[j, :n + 1] = torch.from_numpy(self.eval_stream[start:start + n + 1].astype("int64"))
                 mask[j, :n] = 1
             b = {"tokens": tokens[:, :-1].to(dev), "labels": tokens[:, 1:].to(dev), "loss_mask": mask.to(dev)}
-            batches.append(pipe_batch(b, bool(self.cfg.moee.mtp_depth)))
+            batches.append(pipe_batch(b, self.cfg))
         module = self.engine.module
         module.loss_fn = eval_sums
         # eval_batch adds into the loss its last train_batch left (a scalar); train_batch starts from None.

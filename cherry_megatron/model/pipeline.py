@@ -206,27 +206,24 @@ def aux_weights(cfg) -> dict[str, float]:
     return {**out, "mtp_loss": e.mtp_weight} if e.mtp_depth else out
 
 
-def pipe_batch(b: dict, carry: bool) -> tuple:
+def pipe_batch(b: dict, cfg) -> tuple:
     """(first stage's input, last stage's labels) for DeepSpeed's data iterator. With an MTP head the labels
     and loss mask also travel through the stages, the mask as integers: DeepSpeed expects a gradient back
     for every floating-point tensor it passes on."""
     labels = (b["labels"], b["loss_mask"])
-    return ((b["tokens"], b["labels"], (b["loss_mask"] > 0).long()) if carry else b["tokens"]), labels
+    return ((b["tokens"], b["labels"], (b["loss_mask"] > 0).long()) if cfg.moee.mtp_depth else b["tokens"]), labels
 
 
 PARTITIONS = {"layers": "type:BlockStage", "parameters": "parameters"}  # BlockStage matches RecurrentBlockStage
 
 
-def build_pipeline(cfg, topology, init_state: dict | None = None):
+def build_pipeline(cfg, topology, model=None):
+    """`model` (default: `build_model(cfg)`), whole on every rank, cut into this rank's stage layers."""
     from deepspeed.pipe import PipelineModule, TiedLayerSpec
 
-    from cherry_megatron.checkpoint.consolidate import load_into
     from cherry_megatron.model import build_model
 
-    model = build_model(cfg)
-    if init_state is not None:
-        fresh = ("mtp.",) if cfg.moee.mtp_depth and not any(k.startswith("mtp.") for k in init_state) else ()
-        load_into(model, init_state, f"model.init_from={cfg.model.init_from}", fresh)
+    model = model if model is not None else build_model(cfg)
     t, dp = cfg.train, topology.get_dim("data")
     aux = AuxLosses(aux_weights(cfg), t.global_batch_size // (t.micro_batch_size * dp))
     if hasattr(model, "schedule"):  # recurrent or routed
