@@ -93,6 +93,9 @@ class TrainConfig:
     peak_tflops: float = 0.0  # per process, for MFU; 0: looked up for the device
     threads: int = 0  # torch threads per process; 0: cores / local processes
     activation_checkpointing: int = 0  # recompute activations in backward: 0 none, 1 every layer, n every n-th
+    # A DeepSpeed universal checkpoint (tools/convert_checkpoint.py --output-format universal) to resume from,
+    # optimizer state included, at this config's TP/DP layout, while the run dir holds no checkpoint of its own.
+    universal_from: str = ""
 
 
 @dataclass

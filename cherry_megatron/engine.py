@@ -96,12 +96,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, dp: int, device: torch.device):
+def build_engine(model: torch.nn.Module, cfg: Config, dp: int, device: torch.device, load_universal: bool = False):
     import deepspeed
 
     from cherry_megatron.distributed import MegatronMPU
 
     ds_cfg = deepspeed_config(cfg, dp, device)
+    if load_universal:  # the next load_checkpoint reads a universal checkpoint and re-slices it for this layout
+        ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
     scheduler = None
     if "scheduler" not in ds_cfg:
         scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train))  # noqa: E731

@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 
 from cherry_megatron import distributed, faults, sgt
-from cherry_megatron.checkpoint.run_dir import atomic_write_text, checkpoint_dir, check_run_dir, latest_tag, write_config
+from cherry_megatron.checkpoint.run_dir import (atomic_write_text, check_run_dir, check_universal, checkpoint_dir,
+                                               latest_tag, write_config)
 from cherry_megatron.config import Config, load_config, validate
 from cherry_megatron.errors import CheckpointError, ConfigError, TrainingError, cli_errors
 
@@ -76,7 +77,8 @@ class Trainer:
             topology = distributed.topology(cfg.parallel, layout.world)
             distributed.check_topology(topology)
             model = build_pipeline(cfg, topology, model)
-        self.engine, self.ds_config = build_engine(model, cfg, layout.dp, layout.device)
+        self.universal = bool(cfg.train.universal_from) and latest_tag(checkpoint_dir(run_dir)) is None
+        self.engine, self.ds_config = build_engine(model, cfg, layout.dp, layout.device, self.universal)
         cache = cfg.data.cache_dir or str(run_dir / "data_cache")
         self.data = TrainData(cfg, tokenizer, layout.dp_rank, layout.dp, cache)
         self.eval_stream = token_stream(cfg.data.eval_path) if cfg.data.eval_path else None
@@ -249,7 +251,10 @@ class Trainer:
 
     def resume(self) -> int:
         ckpt = checkpoint_dir(self.run_dir)
-        if latest_tag(ckpt) is None:
+        if self.universal:
+            ckpt = Path(self.cfg.train.universal_from)
+            check_universal(ckpt, self.cfg)
+        elif latest_tag(ckpt) is None:
             return 0
         path, client = self.engine.load_checkpoint(str(ckpt))
         if path is None or "step" not in (client or {}):

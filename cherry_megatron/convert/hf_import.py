@@ -1,0 +1,58 @@
+"""A Hugging Face Llama directory read as a `Checkpoint` of our dense model (a starting point for
+training, `model.init_from`, or a distillation teacher): k/v and gate/up are fused on the fly."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from cherry_megatron.convert.checkpoint import Checkpoint, _st_dtype
+from cherry_megatron.convert.hf_llama import from_hf_config, our_name
+from cherry_megatron.errors import CheckpointError
+
+
+def read_hf(path: str | Path) -> Checkpoint:
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        hf = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a Hugging Face model directory (config.json: {e})") from None
+    cfg = from_hf_config(hf, str(path))
+    files = sorted(path.glob("model*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path} holds no model*.safetensors (pytorch_model.bin is pickle: not loaded)")
+    parts: dict[str, dict[int, tuple]] = {}  # our name -> {part: (file handle, hf name)}
+    try:
+        for f in files:
+            h = safe_open(str(f), framework="pt")
+            for name in h.keys():
+                if name.endswith("rotary_emb.inv_freq"):  # older exports keep RoPE's buffer; we compute it
+                    continue
+                ours, part = our_name(name)
+                parts.setdefault(ours, {})[part] = (h, name)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {f} (truncated or not safetensors): {str(e).splitlines()[0]}") from None
+    if cfg["model"]["tie_embeddings"]:
+        parts.pop("head.weight", None)  # some exports store the tied lm_head too
+
+    def fetch(name: str) -> torch.Tensor:
+        got = parts[name]
+        if -1 in got:
+            h, n = got[-1]
+            return h.get_tensor(n)
+        return torch.cat([got[i][0].get_tensor(got[i][1]) for i in (0, 1)], dim=0)
+
+    specs = {}
+    for name, got in parts.items():
+        if -1 not in got and set(got) != {0, 1}:
+            raise CheckpointError(f"{path}: {name} is missing one of its two Llama halves")
+        sl = [h.get_slice(n) for h, n in got.values()]
+        shape = list(sl[0].get_shape())
+        shape[0] = sum(s.get_shape()[0] for s in sl)
+        specs[name] = (_st_dtype(sl[0].get_dtype()), tuple(shape))
+    order = sorted(specs, key=lambda n: (0, 0) if n == "embed.weight" else
+                   (1, int(n.split(".")[1])) if n.startswith("layers.") else (2, 0))
+    return Checkpoint(cfg, {n: specs[n] for n in order}, fetch, str(path))
