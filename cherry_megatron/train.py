@@ -251,9 +251,8 @@ class Trainer:
 
     def resume(self) -> int:
         ckpt = checkpoint_dir(self.run_dir)
-        if self.universal:
+        if self.universal:  # checked by main: `check_universal`
             ckpt = Path(self.cfg.train.universal_from)
-            check_universal(ckpt, self.cfg)
         elif latest_tag(ckpt) is None:
             return 0
         path, client = self.engine.load_checkpoint(str(ckpt))
@@ -368,6 +367,8 @@ def main(argv=None) -> dict:
         resolve_vocab(cfg, tokenizer.vocab_size)
         check_data(cfg)
         check_run_dir(run_dir, cfg)
+        if cfg.train.universal_from and latest_tag(checkpoint_dir(run_dir)) is None:
+            check_universal(Path(cfg.train.universal_from), cfg)
         distributed.set_threads(cfg.train.threads)
         layout = distributed.init(cfg.parallel)
         try:

@@ -38,6 +38,15 @@ def baseline(corpus, tmp_path_factory):
     return run_dir
 
 
+@pytest.fixture(scope="session")
+def zero3_tp2(corpus, tmp_path_factory):
+    """The SHORT_RUN at TP=2 x DP=2 under ZeRO-3 (weights only in the optimizer shards): a training-layout
+    test (test_train) and the conversion chain's source (test_convert)."""
+    run_dir = tmp_path_factory.mktemp("runs") / "zero3_tp2"
+    train(run_dir, ["parallel.zero_stage=3", "parallel.tp=2"], nproc=4)
+    return run_dir
+
+
 def run_cli(args: list[str], nproc: int = 1, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m ...` (under torchrun when nproc > 1) from the repo root."""
     # In-process fixtures (world_of_one) export RANK/MASTER_PORT...; a child must find its own world.

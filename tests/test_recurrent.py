@@ -123,19 +123,22 @@ def _compress(run_dir, out):
 
 
 @pytest.mark.slow
-def test_compress_from_tp2_equals_tp1_and_trains_on(corpus, tmp_path):
-    for tp in (1, 2):  # lr 0: both checkpoints hold the same (initial) weights, at TP=1 and at TP=2
-        train(tmp_path / f"tp{tp}", ["train.lr=0", f"parallel.tp={tp}"], nproc=tp)
-        _compress(tmp_path / f"tp{tp}", tmp_path / f"small{tp}")
-    train(tmp_path / "trained", ["model.num_layers=4", "train.steps=10"])
-    result = _compress(tmp_path / "trained", tmp_path / "small-trained")
+def test_compress_from_tp2_equals_tp1_and_trains_on(baseline, tmp_path):
+    """The baseline's weights as its TP=1 DeepSpeed checkpoint and, converted, as a TP=2 one (real TP=2 DeepSpeed
+    files are read in test_train and test_convert) compress to the same small model, which trains on."""
+    from tools.convert_checkpoint import main as convert
+
+    convert(["--input", str(baseline), "--input-format", "deepspeed", "--output", str(tmp_path / "tp2"),
+             "--output-format", "deepspeed", "--target-tp", "2"])
+    result = _compress(baseline, tmp_path / "small1")
+    _compress(tmp_path / "tp2", tmp_path / "small2")
     assert math.isfinite(result["heldout_loss_recurrent"])
     assert result["heldout_loss_recurrent"] < result["uniform_loss"], result
     a, b = load_file(str(tmp_path / "small1/model.safetensors")), load_file(str(tmp_path / "small2/model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
-    proc = run_cli(["-m", "cherry_megatron.train", "--config", str(tmp_path / "small-trained/config.yaml"), "--run-dir",
+    proc = run_cli(["-m", "cherry_megatron.train", "--config", str(tmp_path / "small1/config.yaml"), "--run-dir",
                     str(tmp_path / "retrain"), "--set", "train.steps=2", "train.log_interval=1", "train.lr=1e-3",
                     "train.micro_batch_size=2", "train.global_batch_size=2", "train.eval_interval=2"])
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -50,8 +50,6 @@ def check_layout(cfg_dict: dict, tp: int, pp: int) -> None:
     m = cfg.model
     if tp < 1 or pp < 1:
         raise ConfigError(f"--target-tp={tp} / --target-pp={pp} must be >= 1")
-    if m.vocab_size % tp:
-        raise ConfigError(f"--target-tp={tp} does not divide the vocabulary ({m.vocab_size})")
     if pp > m.num_layers:
         raise ConfigError(f"--target-pp={pp} exceeds the model's {m.num_layers} layers")
     cfg.sgt.ratio = 1.0  # a layout check: training-only settings that a pipeline refuses do not matter here
@@ -60,6 +58,8 @@ def check_layout(cfg_dict: dict, tp: int, pp: int) -> None:
         validate(cfg, tp * pp)
     except ConfigError as e:
         raise ConfigError(str(e).replace("parallel.tp", "--target-tp").replace("parallel.pp", "--target-pp")) from None
+    if m.vocab_size % tp:
+        raise ConfigError(f"--target-tp={tp} does not divide the vocabulary ({m.vocab_size})")
 
 
 def convert(args) -> dict:

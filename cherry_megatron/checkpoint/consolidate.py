@@ -1,8 +1,6 @@
-"""One full (TP=1) fp32 state dict from a DeepSpeed training checkpoint of our models.
-
-ZeRO 0-2 keep whole module weights per TP rank in `mp_rank_XX_model_states.pt`; we merge the TP
-slices by the layout the layers declare (`model.layers.tp_layout`). ZeRO-3 keeps them only in the
-flat optimizer partitions, which DeepSpeed's own `zero_to_fp32` gathers.
+"""A full (TP=1) model in and out of checkpoints: TP merge/split by the layout the layers declare
+(`model.layers.TP_LAYOUT`), the consolidated safetensors format, and loading a full state dict into this
+rank's slice of a model. Reading every checkpoint format is `convert/checkpoint.py`'s job.
 """
 from __future__ import annotations
 
@@ -12,7 +10,7 @@ import torch
 
 from cherry_megatron.checkpoint.run_dir import latest_tag
 from cherry_megatron.errors import CheckpointError
-from cherry_megatron.model.layers import tp_layout, tp_slice
+from cherry_megatron.model.layers import tp_layout, tp_merge, tp_slice
 
 
 def resolve_tag_dir(path: str | Path) -> Path:
@@ -22,25 +20,17 @@ def resolve_tag_dir(path: str | Path) -> Path:
         tag = latest_tag(ckpt_dir)
         if tag:
             return ckpt_dir / tag
-    if _model_state_files(path):
+    if list(path.glob("*mp_rank_*_model_states.pt")):
         return path
     raise CheckpointError(f"no checkpoint at {path} (expected a run dir, its checkpoints/ with 'latest', or a tag dir)")
 
 
 def merge_tp(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Full tensors from per-TP-rank state dicts, by the layout the layers declare."""
     if len(shards) == 1:
         return dict(shards[0])
-    out = {}
-    for name, first in shards[0].items():
-        layout = tp_layout(name)
-        if layout is None:
-            out[name] = first
-            continue
-        dim, stride = layout
-        # A strided weight holds `stride` interleaved blocks per rank (e.g. [k_r; v_r]); regroup by block.
-        blocks = [torch.chunk(s[name], stride, dim=dim) for s in shards]
-        out[name] = torch.cat([b[i] for i in range(stride) for b in blocks], dim=dim)
-    return out
+    return {name: first if tp_layout(name) is None else tp_merge([s[name] for s in shards], *tp_layout(name))
+            for name, first in shards[0].items()}
 
 
 def split_tp(full: dict[str, torch.Tensor], tp: int, rank: int) -> dict[str, torch.Tensor]:
@@ -53,42 +43,6 @@ def split_tp(full: dict[str, torch.Tensor], tp: int, rank: int) -> dict[str, tor
             continue
         out[name] = tp_slice(t, *layout, tp, rank)
     return out
-
-
-def _model_state_files(tag_dir: Path) -> list[Path]:
-    """One model-states file per TP rank: `mp_rank_XX_...` (ZeRO 0-2) or data-parallel rank 0's
-    `zero_pp_rank_0_mp_rank_XX_...` (ZeRO-3, whose per-DP-rank copies are identical but for shards)."""
-    files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
-    return files or sorted(tag_dir.glob("zero_pp_rank_0_mp_rank_*_model_states.pt"))
-
-
-def load_model_states(tag_dir: Path) -> list[dict]:
-    files = _model_state_files(tag_dir)
-    if not files:
-        raise CheckpointError(f"{tag_dir} holds no mp_rank_*_model_states.pt files")
-    states = []
-    for f in files:
-        try:
-            # weights_only: a checkpoint is data; never run code found in it.
-            states.append(torch.load(f, map_location="cpu", weights_only=True))
-        except Exception as e:
-            raise CheckpointError(f"cannot read {f} (truncated or not a checkpoint): {str(e).splitlines()[0]}") from None
-    return states
-
-
-def load_expert_states(tag_dir: Path) -> dict[str, torch.Tensor]:
-    """Routed experts, which DeepSpeed saves apart from the model states: one file per (layer, global
-    expert id, TP rank), under global-id keys; TP slices merge like the dense MLP's."""
-    import re
-
-    by_rank: dict[str, dict] = {}
-    for f in sorted(tag_dir.glob("layer_*_expert_*_mp_rank_*_model_states.pt")):
-        rank = re.search(r"_mp_rank_(\d+)_model_states", f.name).group(1)
-        try:
-            by_rank.setdefault(rank, {}).update(torch.load(f, map_location="cpu", weights_only=True))
-        except Exception as e:
-            raise CheckpointError(f"cannot read {f} (truncated or not a checkpoint): {str(e).splitlines()[0]}") from None
-    return merge_tp([by_rank[r] for r in sorted(by_rank)]) if by_rank else {}
 
 
 CONSOLIDATED_WEIGHTS, CONSOLIDATED_CONFIG = "model.safetensors", "cherry_config.json"
@@ -113,38 +67,13 @@ def save_consolidated(out_dir: str | Path, state: dict[str, torch.Tensor], cfg_d
 
 
 def load_consolidated(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(full fp32 state dict, the run's config dict) for a run dir, a DeepSpeed checkpoint path, or a
-    consolidated safetensors dir (`save_consolidated`)."""
-    path = Path(path)
-    if (path / CONSOLIDATED_WEIGHTS).is_file():
-        import json
+    """(full fp32 state dict, the run's config dict) for a run dir or DeepSpeed checkpoint at any TP/PP/ZeRO
+    stage, a consolidated safetensors dir (`save_consolidated`) or a Hugging Face Llama dir: the readers of
+    tools/convert_checkpoint.py, which never unpickle code."""
+    from cherry_megatron.convert.checkpoint import read_any
 
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return ({k: v.float() for k, v in load_file(str(path / CONSOLIDATED_WEIGHTS)).items()},
-                    json.loads((path / CONSOLIDATED_CONFIG).read_text()))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"cannot read consolidated checkpoint {path}: {str(e).splitlines()[0]}") from None
-    tag_dir = resolve_tag_dir(path)
-    states = load_model_states(tag_dir)
-    cfg = states[0].get("cherry_config")
-    if cfg is None:
-        raise CheckpointError(f"{tag_dir} is not a cherry_megatron checkpoint (no 'cherry_config' in it)")
-    if cfg["parallel"]["zero_stage"] == 3:
-        if len(states) > 1:
-            raise CheckpointError("ZeRO-3 checkpoints with TP>1 cannot be consolidated yet "
-                                  "(tools/convert_checkpoint.py, issue 8, will)")
-        # DeepSpeed's tool unpickles its own optimizer files; only use it on checkpoints you wrote.
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    else:
-        sd = merge_tp([s["module"] for s in states])
-        sd.update(load_expert_states(tag_dir))
-    # megatron's linear layers save an empty `_extra_state` (None) for Transformer Engine; it carries no weights.
-    return {k: v.float() for k, v in sd.items() if torch.is_tensor(v) and not k.endswith("._extra_state")}, cfg
+    ck = read_any(path)
+    return {name: ck.get(name).float() for name in ck.specs}, ck.cfg
 
 
 def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, fresh: tuple[str, ...] = ()) -> None:

@@ -16,7 +16,7 @@ import torch
 from cherry_megatron.checkpoint.consolidate import CONSOLIDATED_CONFIG, CONSOLIDATED_WEIGHTS, resolve_tag_dir
 from cherry_megatron.convert import safe_load
 from cherry_megatron.errors import CheckpointError
-from cherry_megatron.model.layers import tp_layout
+from cherry_megatron.model.layers import tp_layout, tp_merge
 
 
 @dataclass
@@ -47,11 +47,7 @@ def merged_shape(shapes: list[tuple], layout) -> tuple:
 def merge_one(name: str, slices: list[torch.Tensor]) -> torch.Tensor:
     """Full tensor from its TP slices (a strided weight holds `stride` interleaved blocks per rank)."""
     layout = tp_layout(name)
-    if layout is None or len(slices) == 1:
-        return slices[0]
-    dim, stride = layout
-    blocks = [torch.chunk(s, stride, dim=dim) for s in slices]
-    return torch.cat([b[i] for i in range(stride) for b in blocks], dim=dim)
+    return slices[0] if layout is None or len(slices) == 1 else tp_merge(slices, *layout)
 
 
 def _weights(d: dict) -> dict[str, torch.Tensor]:
@@ -66,6 +62,18 @@ def _from_shards(shards: list[dict[str, torch.Tensor]], cfg: dict, source: str, 
     if missing:
         raise CheckpointError(f"{source}: TP shards disagree (rank 0 has {missing[0]}, another rank does not)")
     return Checkpoint(cfg, specs, lambda n: merge_one(n, [s[n] for s in shards]), source, step)
+
+
+def read_any(path: str | Path) -> Checkpoint:
+    """A torch-format dir, a Hugging Face Llama dir or a DeepSpeed checkpoint, told apart by their files."""
+    path = Path(path)
+    if (path / CONSOLIDATED_WEIGHTS).is_file() and (path / CONSOLIDATED_CONFIG).is_file():
+        return read_torch(path)
+    if (path / "config.json").is_file() and list(path.glob("model*.safetensors")):
+        from cherry_megatron.convert.hf_import import read_hf
+
+        return read_hf(path)
+    return read_deepspeed(path)
 
 
 # ---------------------------------------------------------------------------------------------- DeepSpeed

@@ -52,7 +52,9 @@ def write_torch(ck: Checkpoint, out: Path, dtype: torch.dtype | None) -> None:
     for name in progress(ck.specs, "torch"):
         w.write(name, cast(ck.get(name), dtype))
     w.close()
-    (out / CONSOLIDATED_CONFIG).write_text(json.dumps(ck.cfg, indent=1))
+    cfg = json.loads(json.dumps(ck.cfg))
+    cfg["parallel"].update(tp=1, pp=1)  # the layout of this file; a run loading it sets its own
+    (out / CONSOLIDATED_CONFIG).write_text(json.dumps(cfg, indent=1))
 
 
 def write_hf(ck: Checkpoint, out: Path, dtype: torch.dtype | None, tokenizer: str | None) -> None:

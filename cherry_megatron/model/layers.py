@@ -174,6 +174,12 @@ def tp_slice(t: torch.Tensor, dim: int, stride: int, tp: int, rank: int) -> torc
     return torch.cat([torch.chunk(b, tp, dim=dim)[rank] for b in blocks], dim=dim).clone()
 
 
+def tp_merge(slices: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
+    """The full tensor from its TP slices (rank order): the inverse of `tp_slice`."""
+    blocks = [torch.chunk(s, stride, dim=dim) for s in slices]
+    return torch.cat([b[i] for i in range(stride) for b in blocks], dim=dim)
+
+
 def tp_layout(name: str):
     """The (dim, stride) of a parameter name by its suffix in TP_LAYOUT (`*` as in fnmatch: any characters)."""
     for suffix, layout in TP_LAYOUT.items():
