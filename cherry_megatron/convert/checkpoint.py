@@ -95,7 +95,7 @@ def read_deepspeed(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{tag_dir} is not a cherry_megatron checkpoint (no 'cherry_config' in it)")
     step = int(metas[0].get("step", metas[0].get("global_steps", 0)) or 0)
     src = str(tag_dir)
-    if sorted(tag_dir.glob("layer_*-model_*-model_states.pt")):
+    if cfg["parallel"]["pp"] > 1:  # per-stage mp_rank files, which must not be merged as TP shards
         return _read_pipeline(tag_dir, cfg, src, step)
     if meta_files[0].name.startswith("zero_pp_rank_"):
         return _read_zero3(tag_dir, len(meta_files), cfg, src, step)
@@ -119,8 +119,10 @@ def _read_pipeline(tag_dir: Path, cfg: dict, src: str, step: int) -> Checkpoint:
     """DeepSpeed's per-layer files of a pipelined dense model (`model.pipeline.build_pipeline` order:
     embedding, one layer per block, the final norm + head); a tied embedding is saved once, in layer 0."""
     if cfg["recurrent"]["num_blocks"] or cfg["moee"]["num_experts"]:
-        raise CheckpointError(f"{tag_dir}: converting pipelined recurrent or routed checkpoints is not supported "
-                              "(their shared blocks live in the optimizer state only); convert at PP=1")
+        # DeepSpeed writes no layer file for a tied layer with its own forward_fn (the shared blocks, which
+        # then live in the optimizer state only), and a routed model's stages save no layer files at all.
+        raise CheckpointError(f"{tag_dir}: converting pipelined recurrent or routed checkpoints is not supported; "
+                              "resume them at their own layout")
     layers = cfg["model"]["num_layers"]
     by_rank: dict[int, dict] = {}
     for f in sorted(tag_dir.glob("layer_*-model_*-model_states.pt")):

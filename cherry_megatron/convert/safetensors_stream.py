@@ -41,7 +41,7 @@ class SafetensorsWriter:
         if name != expected or (t.dtype, tuple(t.shape)) != self.specs[name]:
             raise ValueError(f"safetensors stream: got {name} {t.dtype} {tuple(t.shape)}, "
                              f"expected {expected} {self.specs[expected]}")
-        self.f.write(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        self.f.write(memoryview(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
         self.done += 1
 
     def close(self) -> None:
