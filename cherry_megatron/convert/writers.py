@@ -147,18 +147,12 @@ def pipeline_layer(name: str, num_layers: int) -> tuple[int, str]:
 
 
 def _write_pipeline(ck, tag_dir: Path, names, tp: int, pp: int, dtype, extra_states, meta) -> None:
-    from deepspeed.runtime.utils import partition_uniform
-
     cfg = meta["cherry_config"]
     if cfg["recurrent"]["num_blocks"] or cfg["moee"]["num_experts"]:
         from cherry_megatron.errors import CheckpointError
 
         raise CheckpointError("--target-pp > 1 is supported for dense models only (recurrent and routed models "
                               "keep their shared blocks in the optimizer state of a pipeline checkpoint)")
-    if cfg["parallel"]["pipeline_partition"] != "layers":
-        from cherry_megatron.errors import CheckpointError
-
-        raise CheckpointError("--target-pp > 1 writes the 'layers' pipeline partition; set parallel.pipeline_partition=layers")
     L = cfg["model"]["num_layers"]
     by_layer: dict[int, list[str]] = {}
     for n in list(names) + list(extra_states):
@@ -170,9 +164,7 @@ def _write_pipeline(ck, tag_dir: Path, names, tp: int, pp: int, dtype, extra_sta
             sd = {pipeline_layer(n, L)[1]: None if n in extra_states else tp_part(ck, n, tp, r, dtype)
                   for n in by_layer[idx]}
             torch.save(sd, tag_dir / f"layer_{idx:02d}-model_{r:02d}-model_states.pt")
-    # One metadata file per stage x TP rank, pp-major, as the pipeline engine names them.
-    bounds = partition_uniform(L, pp)
-    for stage in range(pp):
-        for r in range(tp):
-            torch.save({"module": None, **meta, "pipeline_blocks": bounds[stage:stage + 2]},
-                       tag_dir / f"mp_rank_{stage * tp + r:02d}_model_states.pt")
+    # One metadata file per stage x TP rank, pp-major, as the pipeline engine names them. Layer files go by
+    # global layer index, so any partition of the stages (parallel.pipeline_partition) loads them.
+    for i in range(pp * tp):
+        torch.save({"module": None, **meta}, tag_dir / f"mp_rank_{i:02d}_model_states.pt")
