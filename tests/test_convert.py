@@ -117,6 +117,10 @@ def test_a_llama_saved_by_transformers_imports_with_equal_logits(tmp_path, world
     with torch.no_grad():
         theirs = hf(tokens).logits
     assert (our_logits(tmp_path / "ours", tokens) - theirs).abs().max().item() < 1e-4
+    # --dtype casts on the way out (a bf16 export for GPUs), rounding exactly as torch does
+    convert(tmp_path / "ours", "torch", tmp_path / "bf16", "torch", "--dtype", "bf16")
+    fp32, bf16 = tensors(tmp_path / "ours"), tensors(tmp_path / "bf16")
+    assert_bit_identical(bf16, {k: t.to(torch.bfloat16) for k, t in fp32.items()})
 
 
 @pytest.mark.slow
