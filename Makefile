@@ -17,8 +17,6 @@ $(VENV): requirements.txt pyproject.toml
 	.venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
 	.venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
 	.venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
-	# DeepSpeed JIT-builds its shared-memory comm op on first init (~90 s): do it once here, not in every test.
-	$(PY) -c "from cherry_megatron import distributed as d; from cherry_megatron.config import ParallelConfig as P; d.init(P()); d.shutdown()"
 	touch $@
 
 data: $(DATA)

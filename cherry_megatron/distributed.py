@@ -92,6 +92,12 @@ def init(parallel: ParallelConfig, timeout_s: int = 600) -> Layout:
     from megatron.core import parallel_state
 
     env_from_launcher()
+    # DeepSpeed's comm backend JIT-compiles a shared-memory all-reduce when it starts on CPU (~90 s and a C++
+    # toolchain on a fresh machine) that only its inference kernels call (`inference_all_reduce`); training
+    # collectives go through torch.distributed. Marking the op unavailable makes DeepSpeed skip the build.
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
