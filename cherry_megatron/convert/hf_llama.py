@@ -63,6 +63,7 @@ def hf_config(cfg: dict, dtype: str) -> dict:
         "hidden_act": "silu", "max_position_embeddings": cfg["train"]["seq_length"], "rms_norm_eps": m["norm_eps"],
         "rope_theta": m["rope_theta"], "rope_scaling": None, "attention_bias": False, "mlp_bias": False,
         "tie_word_embeddings": m["tie_embeddings"], "initializer_range": m["init_std"],
+        # newer transformers read "dtype", older ones "torch_dtype": both, so either loads the weights as stored
         "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, "torch_dtype": dtype, "dtype": dtype, "use_cache": True,
     }
 
