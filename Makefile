@@ -21,7 +21,7 @@ $(VENV): requirements.txt pyproject.toml
 
 data: $(DATA)
 
-$(DATA): $(VENV) tools/fetch_corpus.sh tools/build_corpus.py tools/train_tokenizer.py tools/preprocess_data.py
+$(DATA): $(VENV) tools/fetch_corpus.sh tools/build_corpus.py tools/corpus_sources.py cherry_megatron/cli/tokenizer.py cherry_megatron/cli/preprocess.py
 	bash tools/fetch_corpus.sh data/sources
 	$(PY) tools/build_corpus.py --sources data/sources --output data/corpus
 	cp data/corpus/SOURCES.md data/SOURCES.md

@@ -31,7 +31,7 @@ PEAK = """
 import sys, threading, time
 sys.argv = {argv!r}
 sys.path.insert(0, {root!r})
-import tools.convert_checkpoint as tool
+import cherry_megatron.cli.convert as tool  # its module: convert() is patched there
 from cherry_megatron.convert import safe_load
 def rss():  # anonymous resident memory, kB: what the conversion allocates (mapped file pages are page cache)
     return next(int(ln.split()[1]) for ln in open('/proc/self/status') if ln.startswith('RssAnon:'))
@@ -71,7 +71,7 @@ def make_source(work: Path, hidden: int, layers: int, vocab: int) -> Path:
     from cherry_megatron import distributed
     from cherry_megatron.checkpoint.consolidate import save_consolidated
     from cherry_megatron.config import ParallelConfig, load_config
-    from tools.convert_checkpoint import main as convert
+    from cherry_megatron.cli.convert import main as convert
 
     cfg = load_config("tiny", [f"model.hidden_size={hidden}", f"model.num_layers={layers}", f"model.vocab_size={vocab}",
                                f"model.num_heads={hidden // 64}", f"model.num_kv_heads={hidden // 128}"])

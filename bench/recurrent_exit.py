@@ -34,9 +34,9 @@ def decode(model, prompts: torch.Tensor, new_tokens: int, depths: list[int], thr
     for _ in range(new_tokens):
         x, start = model.embed(seq), 0
         for d in depths:
-            x = model.unroll(x, start, d)
+            x = model.unroll(x, model.context(x), start, d)
             start = d
-            probs = torch.softmax(model.logits(model.norm(x[:, -1:])).float(), dim=-1)
+            probs = torch.softmax(model.logits(model.final_norm(x[:, -1:])).float(), dim=-1)
             top, token = probs.max(dim=-1)
             if d == depths[-1] or bool((top >= threshold).all()):
                 break
@@ -57,21 +57,16 @@ def main() -> None:
     args = p.parse_args()
     with cli_errors():
         from cherry_megatron import distributed
-        from cherry_megatron.checkpoint.consolidate import load_consolidated, load_into
-        from cherry_megatron.config import ConfigError, ParallelConfig, from_dict
+        from cherry_megatron.config import ConfigError, ParallelConfig
+        from cherry_megatron.convert.load import load_model
         from cherry_megatron.data.indexed import token_stream
         from cherry_megatron.evaluate import window_loss
-        from cherry_megatron.model import build_model
 
-        state, cfg_dict = load_consolidated(args.load)
-        cfg = from_dict(cfg_dict)
-        if not cfg.recurrent.num_blocks:
-            raise ConfigError(f"{args.load} is a dense model; early exit needs a recurrent one")
         distributed.set_threads(0)
         distributed.init(ParallelConfig())
-        model = build_model(cfg)
-        load_into(model, state, args.load)
-        model.eval()
+        model, cfg = load_model(args.load)
+        if not cfg.recurrent.num_blocks:
+            raise ConfigError(f"{args.load} is a dense model; early exit needs a recurrent one")
         depths = sorted(set(cfg.recurrent.exit_depths) | {cfg.model.num_layers})
         stream = token_stream(args.data or cfg.data.eval_path)
         res = {"load": args.load, "depths": depths, "device": "cpu"}

@@ -109,7 +109,7 @@ def main() -> None:
     cfg = load_config(args.config, args.overrides)
     from cherry_megatron.data.tokenizer import load_tokenizer
     from cherry_megatron.model.gpt import flops_per_token
-    from cherry_megatron.train import resolve_vocab
+    from cherry_megatron.preflight import resolve_vocab
     from cherry_megatron.metrics import CPU_PEAK_TFLOPS_PER_THREAD
 
     resolve_vocab(cfg, load_tokenizer(cfg.data.tokenizer_model).vocab_size)

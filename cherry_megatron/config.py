@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import yaml
 
+from cherry_megatron.config_checks import validate
 from cherry_megatron.errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -156,8 +157,6 @@ class Config:
         return dataclasses.asdict(self)
 
 
-SGT_POLICIES = ("random", "frequency", "loss", "excess", "payload")
-
 # Keys a resumed run may change without it being a different run.
 RESUMABLE_KEYS = {"train.steps", "train.exit_at_step", "train.log_interval", "train.eval_interval",
                   "train.save_interval", "train.eval_tokens", "train.threads", "train.peak_tflops",
@@ -217,7 +216,13 @@ def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")  # not the locale's: a config reads the same on every machine
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}): a corrupt or binary file") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"malformed YAML in {path}: {str(e).splitlines()[0]}") from None
     if data is None:
@@ -274,129 +279,6 @@ def from_dict(data: dict) -> Config:
     cfg = Config()
     _apply(cfg, data)
     return cfg
-
-
-def validate(cfg: Config, world_size: Optional[int] = None) -> None:
-    """Checks that need no data or process group; `world_size` adds the layout checks."""
-    m, p, t = cfg.model, cfg.parallel, cfg.train
-    if m.hidden_size % m.num_heads:
-        raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
-    if m.num_heads % m.kv_heads:
-        raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.kv_heads}")
-    if p.tp < 1 or m.num_heads % p.tp or m.kv_heads % p.tp:
-        raise ConfigError(f"parallel.tp={p.tp} does not divide the attention heads "
-                          f"(num_heads={m.num_heads}, num_kv_heads={m.kv_heads})")
-    if m.ffn_size % p.tp:
-        raise ConfigError(f"parallel.tp={p.tp} does not divide model.ffn_hidden_size={m.ffn_size}")
-    if p.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
-    if p.pp < 1:
-        raise ConfigError(f"parallel.pp must be >= 1, got {p.pp}")
-    if p.pp > 1 and p.zero_stage > 1:
-        raise ConfigError(f"parallel.zero_stage={p.zero_stage} with parallel.pp={p.pp}: DeepSpeed's pipeline engine "
-                          "supports ZeRO stage 0 or 1 only")
-    if p.pipeline_partition not in ("layers", "parameters"):
-        raise ConfigError(f"parallel.pipeline_partition must be layers or parameters, got '{p.pipeline_partition}'")
-    if p.pp > 1:
-        unsupported = {"recurrent.exit_loss_weights": cfg.recurrent.exit_loss_weights, "sgt.ratio < 1": cfg.sgt.ratio < 1}
-        for key, on in unsupported.items():
-            if on:
-                raise ConfigError(f"parallel.pp={p.pp} does not support {key} yet")
-        if (cfg.moee.num_experts or cfg.moee.mtp_depth) and t.precision == "fp16":
-            # Auxiliary losses join the gradient outside DeepSpeed's loss scaling (model/pipeline.py).
-            raise ConfigError(f"parallel.pp={p.pp} with router or MTP losses needs train.precision fp32 or bf16, "
-                              "not fp16")
-        if m.num_layers < p.pp:
-            raise ConfigError(f"parallel.pp={p.pp} is more stages than model.num_layers={m.num_layers}")
-    if t.max_nan_steps < 1 or t.step_timeout_s < 0:
-        raise ConfigError("train.max_nan_steps must be >= 1 and train.step_timeout_s >= 0 (0: no watchdog)")
-    if t.activation_checkpointing < 0:
-        raise ConfigError(f"train.activation_checkpointing must be 0 (off) or n >= 1 (every n-th layer), "
-                          f"got {t.activation_checkpointing}")
-    if t.precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, got '{t.precision}'")
-    for key in ("steps", "micro_batch_size", "global_batch_size", "seq_length", "log_interval",
-                "eval_interval", "save_interval"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"train.{key} must be positive, got {getattr(t, key)}")
-    validate_recurrent(cfg)
-    validate_moee(cfg, world_size)
-    g = cfg.sgt
-    if not 0 < g.ratio <= 1:
-        raise ConfigError(f"sgt.ratio must be in (0, 1], got {g.ratio}")
-    if g.policy not in SGT_POLICIES:
-        raise ConfigError(f"sgt.policy must be one of {', '.join(SGT_POLICIES)}, got '{g.policy}'")
-    if g.scope not in ("sequence", "batch"):
-        raise ConfigError(f"sgt.scope must be sequence or batch, got '{g.scope}'")
-    if not 0 <= g.anchor_weight < 1:
-        raise ConfigError(f"sgt.anchor_weight must be in [0, 1), got {g.anchor_weight}")
-    if g.policy == "excess" and g.ratio < 1 and not g.reference:
-        raise ConfigError("sgt.policy=excess needs sgt.reference (a checkpoint of the frozen reference model)")
-    if g.probe_interval and g.ratio == 1:
-        raise ConfigError("sgt.probe_interval needs sgt.ratio < 1 (there are no unsupervised positions to probe)")
-    if g.probe_interval and p.zero_stage == 3:
-        raise ConfigError("sgt.probe_interval needs whole parameters on each rank: use parallel.zero_stage <= 2")
-    if world_size is not None:
-        if world_size % (p.tp * p.pp):
-            raise ConfigError(f"parallel.tp={p.tp} x parallel.pp={p.pp} does not divide the world size {world_size}")
-        dp = world_size // (p.tp * p.pp)
-        if t.global_batch_size % (t.micro_batch_size * dp):
-            raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
-                              f"micro_batch_size={t.micro_batch_size} x data-parallel size {dp}")
-
-
-def validate_recurrent(cfg: Config) -> None:
-    r, n = cfg.recurrent, cfg.model.num_layers
-    if not r.num_blocks:
-        if r.schedule or r.lora_rank or r.exit_depths:
-            raise ConfigError("recurrent.* is set but recurrent.num_blocks is 0 (a dense model)")
-        return
-    if r.schedule and len(r.schedule) != n:
-        raise ConfigError(f"recurrent.schedule has {len(r.schedule)} positions but model.num_layers={n} "
-                          "(the unrolled depth); set both")
-    if not r.schedule and n % r.num_blocks:
-        raise ConfigError(f"recurrent.num_blocks={r.num_blocks} does not divide model.num_layers={n}; "
-                          "give recurrent.schedule explicitly")
-    sched = r.resolved_schedule(n)
-    if any(not 0 <= b < r.num_blocks for b in sched) or set(sched) != set(range(r.num_blocks)):
-        raise ConfigError(f"recurrent.schedule must use every block 0..{r.num_blocks - 1} and nothing else")
-    if any(not 1 <= d <= n for d in r.exit_depths):
-        raise ConfigError(f"recurrent.exit_depths must lie in 1..{n}")
-    if r.exit_loss_weights and len(r.exit_loss_weights) != len(r.exit_depths):
-        raise ConfigError("recurrent.exit_loss_weights needs one weight per recurrent.exit_depths entry")
-    if r.lora_rank < 0:
-        raise ConfigError("recurrent.lora_rank must be >= 0")
-
-
-def validate_moee(cfg: Config, world_size: Optional[int] = None) -> None:
-    e = cfg.moee
-    if e.mtp_depth < 0 or e.mtp_weight < 0:
-        raise ConfigError("moee.mtp_depth and moee.mtp_weight must be >= 0")
-    if not e.num_experts:
-        if e.ep_size != 1 or e.top_k != 1:
-            raise ConfigError("moee.ep_size/top_k are set but moee.num_experts is 0 (no MoE layers)")
-        return
-    if not 1 <= e.top_k <= e.num_experts:
-        raise ConfigError(f"moee.top_k={e.top_k} must lie in 1..moee.num_experts={e.num_experts}")
-    if e.ep_size < 1 or e.num_experts % e.ep_size:
-        raise ConfigError(f"moee.ep_size={e.ep_size} does not divide moee.num_experts={e.num_experts}")
-    if cfg.parallel.zero_stage == 3:
-        raise ConfigError("moee.num_experts > 0 needs parallel.zero_stage <= 2 "
-                          "(DeepSpeed's MoE layers are not supported under ZeRO stage 3)")
-    if e.capacity_factor < 0 or e.load_balance_weight < 0 or e.z_loss_weight < 0 or e.router_jitter < 0:
-        raise ConfigError("moee.capacity_factor, load_balance_weight, z_loss_weight and router_jitter must be >= 0")
-    if cfg.sgt.probe_interval:
-        raise ConfigError("sgt.probe_interval is not supported with MoE layers (expert gradients live on "
-                          "expert-parallel groups)")
-    if world_size is not None:
-        # DeepSpeed's expert groups span all ranks (TP ranks split the routed tokens between them).
-        if world_size % e.ep_size:
-            raise ConfigError(f"moee.ep_size={e.ep_size} does not divide the world size {world_size}")
-        p = cfg.parallel
-        if p.pp > 1 and world_size % (p.tp * p.pp) == 0 and (world_size // (p.tp * p.pp)) % e.ep_size:
-            # Each stage's experts are spread over that stage's data-parallel ranks.
-            raise ConfigError(f"moee.ep_size={e.ep_size} does not divide the data-parallel size "
-                              f"{world_size // (p.tp * p.pp)} of each pipeline stage")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

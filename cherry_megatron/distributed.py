@@ -2,17 +2,21 @@
 
 torchrun and the deepspeed launcher export RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; srun
 exports SLURM_* instead, which we translate; a plain `python -m` run is a world of one.
+DeepSpeed and megatron-core are imported inside the functions that use them: launchers and tests read the
+environment helpers here (`child_env`, `world_size_from_env`) without loading either.
 """
 from __future__ import annotations
 
 import datetime
 import os
+import re
 import socket
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from cherry_megatron import compat
 from cherry_megatron.config import ParallelConfig
 
 
@@ -43,8 +47,6 @@ def env_from_launcher() -> None:
 def first_host(nodelist: str) -> str:
     """First host of a SLURM node list: 'gpu[07-09,12],cpu1' -> 'gpu07' (what `scontrol show hostnames`
     prints first; re-implemented because compute nodes do not always have scontrol on PATH)."""
-    import re
-
     m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
     if not m:
         return nodelist
@@ -68,7 +70,7 @@ def world_size_from_env() -> int:
 
 
 def set_threads(threads: int) -> None:
-    """Processes x threads <= cores, or the processes fight for the same cores (DESIGN.md)."""
+    """Processes x threads <= cores, or the processes fight for the same cores (docs/DESIGN.md)."""
     if threads <= 0:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")))
         threads = max(1, (os.cpu_count() or 1) // max(1, local))
@@ -92,12 +94,8 @@ def init(parallel: ParallelConfig, timeout_s: int = 600) -> Layout:
     from megatron.core import parallel_state
 
     env_from_launcher()
-    # DeepSpeed's comm backend JIT-compiles a shared-memory all-reduce when it starts on CPU (~90 s and a C++
-    # toolchain on a fresh machine) that only its inference kernels call (`inference_all_reduce`); training
-    # collectives go through torch.distributed. Marking the op unavailable makes DeepSpeed skip the build.
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    compat.check_versions()
+    compat.skip_shm_comm_build()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -141,17 +139,11 @@ def check_topology(topo) -> None:
 
 
 def shutdown() -> None:
-    from deepspeed.utils import groups
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    # DeepSpeed caches its expert groups (and our mpu) in module globals: a later world in this process
-    # must not find groups of a destroyed one.
-    for cache in (groups._EXPERT_PARALLEL_GROUP, groups._EXPERT_PARALLEL_GROUP_RANKS,
-                  groups._EXPERT_DATA_PARALLEL_GROUP, groups._EXPERT_DATA_PARALLEL_GROUP_RANKS):
-        cache.clear()
-    groups.mpu = None
+    compat.clear_deepspeed_groups()
     if dist.is_initialized():
         dist.destroy_process_group()
 

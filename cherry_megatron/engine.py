@@ -10,18 +10,24 @@ import json
 import math
 from pathlib import Path
 
+import deepspeed
 import torch
+from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+from deepspeed.pipe import PipelineModule
 
 from cherry_megatron.config import Config
+from cherry_megatron.distributed import MegatronMPU
 from cherry_megatron.errors import ConfigError
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
+# The shipped DeepSpeed JSONs: package data (cherry_megatron/ds_configs/), so an installed package finds them too;
+# a user's parallel.ds_config path is read as given.
+DS_CONFIG_DIR = Path(__file__).resolve().parent / "ds_configs"
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision != "auto":
         if precision != "fp32" and device.type == "cpu":
-            # No bf16/fp16 units on our CPUs: a bf16 matmul runs ~500x slower than fp32 (DESIGN.md).
+            # No bf16/fp16 units on our CPUs: a bf16 matmul runs ~500x slower than fp32 (docs/DESIGN.md).
             raise ConfigError(f"train.precision={precision} needs a GPU; use fp32 or auto on CPU")
         return precision
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -83,7 +89,6 @@ def lr_lambda(t):
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """No weight decay on norms (1-D weights), as is standard for Llama-style models. Expert weights go to
     groups of their own (DeepSpeed reduces their gradients over expert-data-parallel ranks only)."""
-    from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 
     decay, no_decay = [], []
     for p in model.parameters():
@@ -97,9 +102,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_engine(model: torch.nn.Module, cfg: Config, dp: int, device: torch.device, load_universal: bool = False):
-    import deepspeed
-
-    from cherry_megatron.distributed import MegatronMPU
 
     ds_cfg = deepspeed_config(cfg, dp, device)
     if load_universal:  # the next load_checkpoint reads a universal checkpoint and re-slices it for this layout
@@ -107,7 +109,6 @@ def build_engine(model: torch.nn.Module, cfg: Config, dp: int, device: torch.dev
     scheduler = None
     if "scheduler" not in ds_cfg:
         scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train))  # noqa: E731
-    from deepspeed.pipe import PipelineModule
 
     # A PipelineModule brings its own grid (the same rank order as megatron's, distributed.check_topology).
     mpu = None if isinstance(model, PipelineModule) else MegatronMPU()

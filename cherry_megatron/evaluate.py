@@ -30,7 +30,7 @@ def windows(n_tokens: int, seq_length: int, max_tokens: int) -> list[tuple[int, 
 @torch.no_grad()
 def window_loss(forward, stream: np.ndarray, seq_length: int, max_tokens: int, batch_size: int,
                 device: torch.device, dp_rank: int = 0, dp: int = 1, group=None) -> tuple[float, int]:
-    """(mean loss, tokens predicted); `forward(tokens, labels)` returns per-token losses [b, s].
+    """(mean loss, tokens predicted); `forward(tokens, labels)` is a model (its `Output.per_token` is read).
 
     Windows are dealt round-robin over data-parallel ranks and the sums all-reduced.
     """
@@ -41,7 +41,7 @@ def window_loss(forward, stream: np.ndarray, seq_length: int, max_tokens: int, b
         for i in range(0, len(starts), batch_size):
             chunk = np.stack([np.asarray(stream[s:s + length + 1], dtype=np.int64) for s in starts[i:i + batch_size]])
             x = torch.from_numpy(chunk).to(device)
-            losses = forward(x[:, :-1], x[:, 1:])
+            losses = forward(x[:, :-1], x[:, 1:]).per_token
             total[0] += losses.double().sum()
             total[1] += losses.numel()
     if dp > 1:
@@ -65,32 +65,28 @@ def main(argv=None):
 def _evaluate(args) -> dict | None:
     # stdout carries only the result line; DeepSpeed's import-time logger and op loader print to stdout.
     with cli_errors(), contextlib.redirect_stdout(sys.stderr):
-        from cherry_megatron import distributed
-        from cherry_megatron.checkpoint.consolidate import load_consolidated, load_into
-        from cherry_megatron.config import ParallelConfig, from_dict
-        from cherry_megatron.data.indexed import token_stream
-        from cherry_megatron.errors import CheckpointError
-        from cherry_megatron.model import build_model
-
-        state, cfg_dict = load_consolidated(args.load)
-        cfg = from_dict(cfg_dict)
-        cfg.moee.ep_size = 1  # the consolidated state holds every expert; each rank keeps them all
-        stream = token_stream(args.data)
-        if int(stream.max()) >= cfg.model.vocab_size:
-            raise CheckpointError(f"{args.data} holds token id {int(stream.max())}, beyond the model's vocabulary "
-                                  f"{cfg.model.vocab_size}: data and checkpoint come from different tokenizers")
-        distributed.set_threads(0)
-        layout = distributed.init(ParallelConfig(tp=1))
-        model = build_model(cfg)
-        load_into(model, state, args.load)
-        model.to(layout.device)
-        model.eval()
         from megatron.core import parallel_state
 
-        loss, n = window_loss(model, stream, args.seq_length or cfg.train.seq_length, args.max_tokens,
-                              args.batch_size, layout.device, layout.dp_rank, layout.dp,
-                              parallel_state.get_data_parallel_group())
-        distributed.shutdown()
+        from cherry_megatron import distributed
+        from cherry_megatron.config import ParallelConfig
+        from cherry_megatron.convert.load import load_model
+        from cherry_megatron.data.indexed import token_stream
+        from cherry_megatron.errors import CheckpointError
+
+        stream = token_stream(args.data)
+        distributed.set_threads(0)
+        layout = distributed.init(ParallelConfig(tp=1))
+        try:  # an in-process caller (tests, tools) must find no world left behind, error or not
+            model, cfg = load_model(args.load)
+            if int(stream.max()) >= cfg.model.vocab_size:
+                raise CheckpointError(f"{args.data} holds token id {int(stream.max())}, beyond the model's "
+                                      f"vocabulary {cfg.model.vocab_size}: data and checkpoint come from different "
+                                      "tokenizers")
+            loss, n = window_loss(model.to(layout.device), stream, args.seq_length or cfg.train.seq_length,
+                                  args.max_tokens, args.batch_size, layout.device, layout.dp_rank, layout.dp,
+                                  parallel_state.get_data_parallel_group())
+        finally:
+            distributed.shutdown()
         return {"loss": loss, "ppl": float(np.exp(loss)), "tokens": n} if layout.rank == 0 else None
 
 

@@ -25,6 +25,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from cherry_megatron import compat
+
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later" (the requeue itself keys on the marker file)
 FAULT_ENV = "CHERRY_FAULT_INJECT"
 
@@ -102,12 +104,9 @@ def _say(what: str) -> None:
 
 def crash_during_save(engine) -> None:
     """Make the engine's next checkpoint die after writing its first file, as a node lost mid-save would."""
-    ce = engine.checkpoint_engine
-    save = ce.save
-
-    def first_then_crash(state_dict, path):
+    def first_then_crash(save, state_dict, path):
         save(state_dict, path)
         _say(f"crash after writing {path}")
         os._exit(1)
 
-    ce.save = first_then_crash
+    compat.wrap_checkpoint_save(engine, first_then_crash)

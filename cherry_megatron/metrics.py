@@ -10,7 +10,7 @@ import torch
 # Dense peak throughput per device for MFU, by the precision a run computes in (vendor figures).
 GPU_PEAK_TFLOPS = {"H200": {"bf16": 989.0, "fp32": 67.0}, "H100": {"bf16": 989.0, "fp32": 67.0},
                    "A100": {"bf16": 312.0, "fp32": 19.5}, "L40S": {"bf16": 362.0, "fp32": 91.6}}
-# Measured on the 2-core development CPU: 2048^3 fp32 matmul, 155 GFLOP/s on 2 threads (DESIGN.md).
+# Measured on the 2-core development CPU: 2048^3 fp32 matmul, 155 GFLOP/s on 2 threads (docs/DESIGN.md).
 CPU_PEAK_TFLOPS_PER_THREAD = 0.0775
 
 
@@ -41,7 +41,7 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, enabled: bool):
         self.enabled = enabled
         if enabled:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # here: only the logging rank pays its import
 
             self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import unicodedata
 
 import numpy as np
+import sentencepiece as spm
 
 KOREAN_FUNCTION = set("""
 이 가 을 를 은 는 의 에 에서 에게 께 께서 한테 로 으로 와 과 도 만 까지 부터 보다 처럼 같이 마다 조차 밖에
@@ -56,7 +57,6 @@ def is_function_piece(piece: str, is_control: bool = False, is_byte: bool = Fals
 
 def content_pieces(tokenizer_model: str, vocab_size: int) -> np.ndarray:
     """Bool [vocab_size]: True where the piece is payload. Ids past the tokenizer (padding) are not."""
-    import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=tokenizer_model)
     out = np.zeros(vocab_size, dtype=bool)

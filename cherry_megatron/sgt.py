@@ -25,9 +25,13 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core.datasets.utils import get_blend_from_list
 
 from cherry_megatron.config import SGTConfig
-from cherry_megatron.errors import DataError
+from cherry_megatron.convert.load import load_model
+from cherry_megatron.data.indexed import token_stream
+from cherry_megatron.errors import CheckpointError, DataError
+from cherry_megatron.payload import content_pieces
 
 
 def selected_count(ratio: float, n: int) -> int:
@@ -112,9 +116,6 @@ def unigram_counts(paths: list, vocab_size: int, counts_file: str = "") -> np.nd
         except (OSError, ValueError) as e:
             raise DataError(f"cannot read unigram counts {counts_file}: {e}") from None
     else:
-        from megatron.core.datasets.utils import get_blend_from_list
-
-        from cherry_megatron.data.indexed import token_stream
 
         counts = np.zeros(vocab_size, dtype=np.int64)
         for prefix in get_blend_from_list([str(p) for p in paths])[0]:
@@ -139,7 +140,6 @@ def build_policy(cfg: SGTConfig, seed: int, vocab_size: int, data_paths: list, t
     counts = unigram_counts(data_paths, vocab_size, cfg.counts)
     if cfg.policy == "frequency":
         return FrequencyPolicy(counts)
-    from cherry_megatron.payload import content_pieces
 
     return PayloadPolicy(counts, content_pieces(tokenizer_model, vocab_size))
 
@@ -161,18 +161,6 @@ class Selection:
         losses = losses_fn() if self.policy.needs_losses else None
         scores = self.policy.scores(self.labels, self.key, losses, self.ref_losses)
         return select_top(scores, self.valid, self.ratio, self.scope)
-
-
-def objective(per_token: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor, anchor: float) -> torch.Tensor:
-    """(1 - a) * mean loss over selected positions + a * mean loss over all valid positions."""
-    sel = masked_mean(per_token, mask)
-    if anchor == 0:
-        return sel
-    return (1 - anchor) * sel + anchor * masked_mean(per_token, valid)
-
-
-def masked_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (per_token * mask).sum() / mask.sum().clamp(min=1)
 
 
 def gradient_cosine(loss_a: Callable[[], torch.Tensor], loss_b: Callable[[], torch.Tensor],
@@ -219,7 +207,7 @@ class SGT:
         ref = None
         if self.reference is not None:
             with torch.no_grad():
-                ref = self.reference(batch["tokens"], batch["labels"]).float()
+                ref = self.reference(batch["tokens"], batch["labels"]).per_token.float()
         return Selection(self.policy, self.cfg.ratio, self.cfg.scope, batch["labels"], batch["loss_mask"] > 0, key,
                          ref, full_loss=self.cfg.anchor_weight > 0)
 
@@ -227,7 +215,7 @@ class SGT:
     def probe_masks(self, module: torch.nn.Module, batch: dict, key: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(selected, unselected-but-valid) float masks of a batch, as the training step would select."""
         sel = self.selection(batch, key)
-        per_token = module(batch["tokens"], batch["labels"]).float()
+        per_token = module(batch["tokens"], batch["labels"]).per_token.float()
         mask = sel(lambda: per_token)
         return mask.float(), (sel.valid & ~mask).float()
 
@@ -241,16 +229,9 @@ class SGT:
 
 def load_reference(path: str, vocab_size: int, layout, device: torch.device) -> torch.nn.Module:
     """The frozen reference model of `excess`, split for this TP rank like the trained model."""
-    from cherry_megatron.checkpoint.consolidate import load_consolidated, load_into
-    from cherry_megatron.config import from_dict
-    from cherry_megatron.errors import CheckpointError
-    from cherry_megatron.model import build_model
 
-    state, cfg_dict = load_consolidated(path)
-    ref_cfg = from_dict(cfg_dict)
+    model, ref_cfg = load_model(path)
     if ref_cfg.model.vocab_size != vocab_size:
         raise CheckpointError(f"sgt.reference {path} has vocabulary {ref_cfg.model.vocab_size}, the model {vocab_size}: "
                               "the reference must share the tokenizer")
-    model = build_model(ref_cfg)
-    load_into(model, state, f"sgt.reference {path}")
-    return model.to(device).eval().requires_grad_(False)
+    return model.to(device).requires_grad_(False)

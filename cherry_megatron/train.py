@@ -16,51 +16,28 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
-from cherry_megatron import distributed, faults, sgt
-from cherry_megatron.checkpoint.run_dir import (atomic_write_text, check_run_dir, check_universal, checkpoint_dir,
-                                               latest_tag, write_config)
-from cherry_megatron.config import Config, load_config, validate
-from cherry_megatron.errors import CheckpointError, ConfigError, TrainingError, cli_errors
-
-
-def resolve_vocab(cfg: Config, tokenizer_vocab: int) -> None:
-    from cherry_megatron.model.gpt import pad_vocab
-
-    m = cfg.model
-    if m.vocab_size == 0:
-        m.vocab_size = pad_vocab(tokenizer_vocab, m.make_vocab_size_divisible_by, cfg.parallel.tp)
-    elif tokenizer_vocab > m.vocab_size:
-        raise ConfigError(f"tokenizer vocabulary ({tokenizer_vocab}) is larger than model.vocab_size ({m.vocab_size})")
-    if m.vocab_size % cfg.parallel.tp:
-        raise ConfigError(f"parallel.tp={cfg.parallel.tp} does not divide model.vocab_size={m.vocab_size}")
-
-
-def check_data(cfg: Config) -> None:
-    """Every data file opens and is whole, before anything is written to the run dir."""
-    from megatron.core.datasets.utils import get_blend_from_list
-
-    from cherry_megatron.data.indexed import open_indexed
-
-    if not cfg.data.paths:
-        raise ConfigError("data.paths is empty: give one or more .bin/.idx prefixes (optionally weighted)")
-    prefixes = get_blend_from_list([str(p) for p in cfg.data.paths])[0]
-    for prefix in prefixes + ([cfg.data.eval_path] if cfg.data.eval_path else []):
-        open_indexed(prefix)
+from cherry_megatron import compat, distributed, faults, losses, sgt
+from cherry_megatron.checkpoint import run_lock
+from cherry_megatron.checkpoint.consolidate import load_into
+from cherry_megatron.checkpoint.run_dir import atomic_write_text, checkpoint_dir, latest_tag, write_config
+from cherry_megatron.config import Config
+from cherry_megatron.convert.load import load_consolidated
+from cherry_megatron.data.gpt_data import TrainData
+from cherry_megatron.data.indexed import token_stream
+from cherry_megatron.engine import build_engine, resolve_precision
+from cherry_megatron.errors import CheckpointError, TrainingError, cli_errors
+from cherry_megatron.evaluate import window_loss, windows
+from cherry_megatron.metrics import MetricsLogger, peak_tflops
+from cherry_megatron.model import build_model, parameter_count
+from cherry_megatron.model.gpt import flops_per_token
+from cherry_megatron.model.pipeline import build_pipeline, eval_sums, pipe_batch, train_loss
+from cherry_megatron.preflight import preflight
 
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, layout: distributed.Layout, tokenizer):
-        from megatron.core import parallel_state
-
-        from cherry_megatron.data.gpt_data import TrainData
-        from cherry_megatron.data.indexed import token_stream
-        from cherry_megatron.engine import build_engine, resolve_precision
-        from cherry_megatron.metrics import MetricsLogger, peak_tflops
-        from cherry_megatron.checkpoint.consolidate import load_consolidated, load_into
-        from cherry_megatron.model import build_model, parameter_count
-        from cherry_megatron.model.gpt import flops_per_token
-
         self.cfg, self.run_dir, self.layout = cfg, run_dir, layout
         self.dp_group = parallel_state.get_data_parallel_group()
         torch.manual_seed(cfg.train.seed)  # same seed on every rank: TP slices of one master weight
@@ -72,8 +49,6 @@ class Trainer:
             load_into(model, state, f"model.init_from={cfg.model.init_from}", fresh)
         self.pipeline = cfg.parallel.pp > 1
         if self.pipeline:
-            from cherry_megatron.model.pipeline import build_pipeline
-
             topology = distributed.topology(cfg.parallel, layout.world)
             distributed.check_topology(topology)
             model = build_pipeline(cfg, topology, model)
@@ -109,7 +84,6 @@ class Trainer:
         """One optimizer step over all micro-batches: (mean loss over DP, grad norm, lr used)."""
         lr = self.engine.get_lr()[0]
         if self.pipeline:  # DeepSpeed's schedule runs the micro-batches; its loss is averaged over them and DP
-            from cherry_megatron.model.pipeline import pipe_batch
 
             batches = [pipe_batch(self.batch(step, m), self.cfg) for m in range(self.data.grad_accum)]
             loss = self.engine.train_batch(iter(batches))
@@ -119,20 +93,15 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float64, device=self.layout.device)
         for micro in range(self.data.grad_accum):
             b = self.batch(step, micro)
-            if self.sgt is not None:
-                selection = self.sgt.selection(b, self.data.sample_index(step, micro))
-                per_token, mask = self.engine(b["tokens"], b["labels"], select=selection, loss_mask=b["loss_mask"])
-                loss = sgt.objective(per_token, mask, b["loss_mask"] > 0, self.cfg.sgt.anchor_weight)
-            else:
-                loss = sgt.masked_mean(self.engine(b["tokens"], b["labels"], loss_mask=b["loss_mask"]), b["loss_mask"])
+            select = self.sgt.selection(b, self.data.sample_index(step, micro)) if self.sgt is not None else None
+            out = self.engine(b["tokens"], b["labels"], select=select, loss_mask=b["loss_mask"])
+            loss = losses.next_token_loss(out, b["loss_mask"], self.cfg.sgt.anchor_weight)
             if faults.injected("nan_loss", step + 1):
                 loss = loss * float("nan")
-            objective = loss
             # MTP and router losses: in the objective, logged apart, never in `loss` (the next-token loss).
-            for name, (weight, term) in self.engine.module.aux_terms.items():
-                objective = objective + weight * term
+            for name, (_, term) in out.aux.items():
                 self.aux_sums[name] = self.aux_sums.get(name, 0.0) + term.detach() / self.data.grad_accum
-            self.engine.backward(objective)
+            self.engine.backward(losses.with_aux(loss, out.aux))
             self.engine.step()
             total += loss.detach().double()
         total /= self.data.grad_accum * self.layout.dp
@@ -143,9 +112,7 @@ class Trainer:
 
     def _pipeline_aux(self) -> None:
         """Each stage summed the auxiliary terms of its own layers: add them up over the stages."""
-        from cherry_megatron.model.pipeline import aux_weights
-
-        names, sums = list(aux_weights(self.cfg)), self.engine.module.aux_losses.pop()
+        names, sums = list(losses.aux_weights(self.cfg.moee)), self.engine.module.aux_losses.pop()
         if not names:
             return
         dev = self.layout.device
@@ -159,11 +126,9 @@ class Trainer:
 
     def probe(self, step: int) -> dict:
         """gamma and the supervised/unsupervised losses on this step's first micro-batch, before the update."""
-        from megatron.core import parallel_state
-
         module, b = self.engine.module, self.batch(step, 0)
         sup, unsup = self.sgt.probe_masks(module, b, self.data.sample_index(step, 0))
-        on = lambda m: lambda: sgt.masked_mean(module(b["tokens"], b["labels"]), m)  # noqa: E731
+        on = lambda m: lambda: losses.masked_mean(module(b["tokens"], b["labels"]).per_token, m)  # noqa: E731
         params = [p for p in module.parameters() if p.requires_grad]
         gamma = sgt.gradient_cosine(on(sup), on(unsup), params, parallel_state.get_tensor_model_parallel_group(),
                                     self.dp_group)
@@ -171,9 +136,9 @@ class Trainer:
 
     @torch.no_grad()
     def _probe_losses(self, b: dict, sup: torch.Tensor, unsup: torch.Tensor) -> dict:
-        per_token = self.engine.module(b["tokens"], b["labels"]).float()
-        return {"sup_loss": self._dp_mean(sgt.masked_mean(per_token, sup)),
-                "unsup_loss": self._dp_mean(sgt.masked_mean(per_token, unsup))}
+        per_token = self.engine.module(b["tokens"], b["labels"]).per_token.float()
+        return {"sup_loss": self._dp_mean(losses.masked_mean(per_token, sup)),
+                "unsup_loss": self._dp_mean(losses.masked_mean(per_token, unsup))}
 
     def probe_after(self, probe: dict) -> dict:
         """The same probe batch and positions after the update: did the unsupervised positions' loss fall?"""
@@ -192,12 +157,10 @@ class Trainer:
         return x.item() / self.layout.dp
 
     def evaluate(self) -> float:
-        from cherry_megatron.evaluate import window_loss
-
         if self.pipeline:
             return self._evaluate_pipeline()
         self.engine.eval()
-        loss, _ = window_loss(lambda x, y: self.engine(x, y), self.eval_stream, self.cfg.train.seq_length,
+        loss, _ = window_loss(self.engine, self.eval_stream, self.cfg.train.seq_length,
                               self.cfg.train.eval_tokens, self.cfg.train.micro_batch_size, self.layout.device,
                               self.layout.dp_rank, self.layout.dp, self.dp_group)
         self.engine.train()
@@ -206,9 +169,6 @@ class Trainer:
     def _evaluate_pipeline(self) -> float:
         """`evaluate.window_loss`'s windows through the pipeline: padded to full micro-batches of full
         windows (padding masked out), the same number on every DP rank."""
-        from cherry_megatron.evaluate import windows
-        from cherry_megatron.model.pipeline import eval_sums, pipe_batch, train_loss
-
         t, mbs, dp = self.cfg.train, self.cfg.train.micro_batch_size, self.layout.dp
         every = windows(len(self.eval_stream), t.seq_length, t.eval_tokens)
         n_micro = -(-len(every[0::dp]) // mbs)
@@ -224,8 +184,7 @@ class Trainer:
             batches.append(pipe_batch(b, self.cfg))
         module = self.engine.module
         module.loss_fn = eval_sums
-        # eval_batch adds into the loss its last train_batch left (a scalar); train_batch starts from None.
-        self.engine.total_loss = None
+        compat.reset_pipeline_loss(self.engine)
         try:
             out = self.engine.eval_batch(iter(batches), num_micro_batches=n_micro, bcast_loss=False)
         finally:
@@ -358,23 +317,19 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     with cli_errors():
-        from cherry_megatron.data.tokenizer import load_tokenizer
-
-        cfg = load_config(args.config, [o for group in args.overrides for o in group])
-        run_dir = Path(args.run_dir or f"runs/{cfg.name}")
-        validate(cfg, distributed.world_size_from_env())
-        tokenizer = load_tokenizer(cfg.data.tokenizer_model)
-        resolve_vocab(cfg, tokenizer.vocab_size)
-        check_data(cfg)
-        check_run_dir(run_dir, cfg)
-        if cfg.train.universal_from and latest_tag(checkpoint_dir(run_dir)) is None:
-            check_universal(Path(cfg.train.universal_from), cfg)
+        cfg, tokenizer, run_dir = preflight(args.config, [o for group in args.overrides for o in group],
+                                            args.run_dir or None, distributed.world_size_from_env())
         distributed.set_threads(cfg.train.threads)
         layout = distributed.init(cfg.parallel)
+        lock = None
         try:
+            # Before Trainer(), which writes config.yaml: one writer per run dir, every rank told the outcome.
+            lock = run_lock.hold(run_dir, layout.rank)
             with faults.Preemption() as preemption:
                 summary = Trainer(cfg, run_dir, layout, tokenizer).fit(preemption)
         finally:
+            if lock is not None:  # here, not at exit: the preempted path leaves through sys.exit below
+                lock.release()
             distributed.shutdown()
         if layout.rank == 0:
             print("summary: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"

@@ -47,7 +47,7 @@ for spec in sys.argv[2:]:
         model.load_state_dict(own, strict=True)
         model.eval()
         with torch.no_grad():
-            logits = gather_vocab(model(tokens))
+            logits = gather_vocab(model(tokens).logits)
     else:
         from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 

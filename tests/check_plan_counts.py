@@ -1,6 +1,6 @@
 """Run under torchrun (4 ranks): build the real sharded model for each layout TPxPP given and print, per
-rank, the parameters it holds next to tools/plan.py's count for its stage. A layout ending in "p" cuts the
-stages by parameter count (parallel.pipeline_partition=parameters); one with "t" ties the embeddings.""" 
+rank, the parameters it holds next to cherry-plan's count for its stage (cherry_megatron/cli/plan.py). A
+layout ending in "p" cuts the stages by parameter count (parallel.pipeline_partition=parameters); one with "t" ties the embeddings.""" 
 import json
 import sys
 
@@ -11,7 +11,7 @@ from cherry_megatron import distributed
 from cherry_megatron.config import load_config
 from cherry_megatron.model import build_model
 from cherry_megatron.model.pipeline import build_pipeline
-from tools.plan import rank_parameters
+from cherry_megatron.cli.plan import rank_parameters
 
 for spec in sys.argv[1:]:
     partition = "parameters" if "p" in spec else "layers"

@@ -12,6 +12,32 @@ def test_presets_load():
     assert small.model.hidden_size == 512 and small.train.micro_batch_size == 8  # inherited from tiny
 
 
+def test_every_preset_builds_with_its_documented_parameter_count(capsys):
+    """Each configs/*.yaml, built on the meta device by `python -m cherry_megatron.model.count`, has as many
+    parameters as the analytic count, and as README's Presets table documents (stored and, for MoEE, active)."""
+    import json
+    import re
+    from pathlib import Path
+
+    from cherry_megatron.config import PRESET_DIR
+    from cherry_megatron.model.count import main as count
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("\n## Presets\n"):].split("\n\n")[1].splitlines()[2:]  # past heading and rule
+    documented = {}
+    for row in table:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        documented[cells[0]] = [int(n.replace(",", "")) for n in re.findall(r"\d[\d,]*", cells[-1])]
+    presets = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    assert sorted(documented) == presets  # a new preset needs its row
+    for name in presets:
+        count([name])
+        got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        total, *active = documented[name]
+        assert got["counted"] == got["total"] == total, (name, got)
+        assert got["active"] == (active[0] if active else total), (name, got)
+
+
 def test_set_values_are_yaml():
     cfg = load_config("tiny", ["train.lr=3e-4", "data.paths=[0.3, a, 0.7, b]", "model.tie_embeddings=true"])
     assert cfg.train.lr == 3e-4

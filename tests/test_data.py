@@ -8,7 +8,7 @@ import sentencepiece as spm
 from cherry_megatron.data.indexed import open_indexed, token_stream
 from cherry_megatron.errors import DataError
 from cherry_megatron.evaluate import window_loss, windows
-from conftest import error_lines, run_cli
+from conftest import run_cli
 
 DOCS = ["대한민국 국가연구개발사업의 관리 등에 관한 규정.", "Hello, world! 😀 123\n\n  indented line",
         "def f(x):\n    return x ** 2\n"]
@@ -82,10 +82,13 @@ def test_windows_cover_the_stream_in_order():
 
 def test_window_loss_targets_are_the_next_tokens():
     import torch
+
+    from cherry_megatron.losses import Output
+
     stream = np.arange(50, dtype=np.int64) % 7
     # A "model" whose loss is the target id and which checks inputs precede targets by one.
     def forward(x, y):
         assert torch.equal(x[:, 1:], y[:, :-1])
-        return y.double()
+        return Output(per_token=y.double())
     loss, n = window_loss(forward, stream, seq_length=8, max_tokens=20, batch_size=3, device=torch.device("cpu"))
     assert n == 20 and loss == pytest.approx(stream[1:21].mean())

@@ -89,7 +89,7 @@ def test_non_finite_losses_skip_their_updates_then_stop_the_run(corpus, tmp_path
     finite, so the weights are), and the second NaN in a row stops the run with one error line."""
     proc = run_cli(["-m", "cherry_megatron.train", "--config", "tiny", "--run-dir", str(tmp_path / "run"), "--set",
                     *SHORT_RUN, "train.max_nan_steps=2"], env={FAULT_ENV: "nan_loss@2,nan_loss@4,nan_loss@5"})
-    assert proc.returncode == 2
+    assert proc.returncode == 3  # a run that failed (errors.TrainingError), not bad input (2)
     assert error_lines(proc) == ["error: 2 steps in a row had a non-finite loss (train.max_nan_steps=2), last at step "
                                  "5; their updates were skipped, the last checkpoint is step 3: lower train.lr or "
                                  "check the data"]

@@ -40,12 +40,12 @@ def test_forward_shapes_and_causality(world_of_one):
     cfg = load_config("tiny", ["model.vocab_size=512", "model.num_layers=2"]).model
     model = GPT(cfg).eval()
     x = torch.randint(0, 512, (2, 16))
-    logits = model(x)
+    logits = model(x).logits
     assert logits.shape == (2, 16, 512)
     y = x.clone()
     y[:, 10:] = (y[:, 10:] + 1) % 512  # changing later tokens must not change earlier logits
-    assert torch.allclose(model(y)[:, :10], logits[:, :10], atol=1e-5)
-    loss = model(x, x.roll(-1, 1))
+    assert torch.allclose(model(y).logits[:, :10], logits[:, :10], atol=1e-5)
+    loss = model(x, x.roll(-1, 1)).per_token
     assert loss.shape == (2, 16) and torch.isfinite(loss).all()
 
 
@@ -63,15 +63,19 @@ def test_rope_is_a_rotation():
 
 @pytest.mark.parametrize("tp", [2, 4])
 def test_tp_split_merge_round_trip(tp):
+    from cherry_megatron.model import layout_table
+
     full = {"layers.0.attn.kv.weight": torch.arange(8 * 3.0).view(8, 3),
             "layers.0.attn.o.weight": torch.arange(3 * 8.0).view(3, 8),
             "layers.0.attn_norm.weight": torch.ones(3)}
-    shards = [split_tp(full, tp, r) for r in range(tp)]
+    layout = layout_table(load_config("tiny", ["model.vocab_size=512"]).to_dict())  # the layers' own layout
+    assert (layout("layers.0.attn.kv.weight"), layout("layers.0.attn.o.weight")) == ((0, 2), (1, 1))
+    shards = [split_tp(full, tp, r, layout) for r in range(tp)]
     # a strided (k|v) shard holds its k rows then its v rows
     k_rows, v_rows = full["layers.0.attn.kv.weight"].chunk(2)
     assert torch.equal(shards[1]["layers.0.attn.kv.weight"],
                        torch.cat([k_rows.chunk(tp)[1], v_rows.chunk(tp)[1]]))
-    merged = merge_tp(shards)
+    merged = merge_tp(shards, layout)
     assert all(torch.equal(merged[k], full[k]) for k in full)
 
 
@@ -86,8 +90,9 @@ def test_activation_checkpointing_changes_no_loss_or_gradient(world_of_one, pres
         torch.manual_seed(0)
         model = build_model(cfg)
         tokens, labels = torch.randint(0, 512, (2, 32)), torch.randint(0, 512, (2, 32))
-        loss = model(tokens, labels, loss_mask=torch.ones(2, 32)).mean()
-        loss = loss + sum(w * t for w, t in model.aux_terms.values())
+        out = model(tokens, labels, loss_mask=torch.ones(2, 32))
+        loss = out.per_token.mean()
+        loss = loss + sum(w * t for w, t in out.aux.values())
         loss.backward()
         grads[every] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     base_loss, base = grads[0]

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cherry_megatron.checkpoint.consolidate import load_consolidated, load_into, save_consolidated
+from cherry_megatron.checkpoint.consolidate import load_into, save_consolidated
+from cherry_megatron.convert.load import load_consolidated
 from cherry_megatron.config import ConfigError, load_config
 from cherry_megatron.fuse.moee import fuse
 from cherry_megatron.metrics import read_metrics
@@ -38,8 +39,8 @@ def test_one_expert_top1_is_the_expert_model(world_of_one, preset, sets):
     load_into(moee, fused_state, "fused")
     expert.eval(), moee.eval()
     tokens, labels = torch.randint(0, 1024, (2, 24)), torch.randint(0, 1024, (2, 24))
-    assert torch.allclose(moee(tokens), expert(tokens), atol=1e-5)
-    assert torch.allclose(moee(tokens, labels), expert(tokens, labels), atol=1e-5)
+    assert torch.allclose(moee(tokens).logits, expert(tokens).logits, atol=1e-5)
+    assert torch.allclose(moee(tokens, labels).per_token, expert(tokens, labels).per_token, atol=1e-5)
     assert parameter_count(fused_cfg)["total"] == sum(p.numel() for p in moee.parameters())
 
 
@@ -79,16 +80,18 @@ def test_router_losses_match_a_hand_computation(world_of_one, k):
 def test_routed_model_reports_summed_router_losses_only_for_training(world_of_one):
     cfg, model, _ = _model("tiny", MOEE)
     tokens, labels = torch.randint(0, 1024, (2, 16)), torch.randint(0, 1024, (2, 16))
-    model(tokens, labels)
-    assert model.aux_terms == {}  # evaluation: the next-token loss alone
-    model(tokens, labels, loss_mask=torch.ones(2, 16))
-    assert set(model.aux_terms) == {"mtp_loss", "load_balance_loss", "router_z_loss"}
-    assert len(model.routing) == 4  # one routed call per layer, summed
-    lb = sum(r[0] for r in model.routing)
-    assert model.aux_terms["load_balance_loss"][1].item() == pytest.approx(lb.item())
-    assert model.aux_terms["load_balance_loss"][0] == cfg.moee.load_balance_weight
-    assert model.aux_terms["mtp_loss"][0] == cfg.moee.mtp_weight == 0.1
-    sum(w * t for w, t in model.aux_terms.values()).backward()
+    assert model(tokens, labels).aux == {}  # evaluation: the next-token loss alone
+    routing = []  # each routed call's load-balancing loss, as DeepSpeed's MoE layer returns it
+    for block in model.layers:
+        block.mlp.register_forward_hook(lambda module, args, out: routing.append(out[1]))
+    aux = model(tokens, labels, loss_mask=torch.ones(2, 16)).aux
+    assert set(aux) == {"mtp_loss", "load_balance_loss", "router_z_loss"}
+    assert len(routing) == 4  # one routed call per layer, summed
+    lb = sum(routing)
+    assert aux["load_balance_loss"][1].item() == pytest.approx(lb.item())
+    assert aux["load_balance_loss"][0] == cfg.moee.load_balance_weight
+    assert aux["mtp_loss"][0] == cfg.moee.mtp_weight == 0.1
+    sum(w * t for w, t in aux.values()).backward()
     assert model.mtp.depths[0].proj.weight.grad.abs().sum() > 0
     assert model.layers[0].mlp.deepspeed_moe.gate.wg.weight.grad.abs().sum() > 0
 
@@ -214,9 +217,10 @@ def test_sgt_selects_for_the_next_token_loss_while_mtp_sees_every_valid_position
     tokens, labels = torch.randint(0, 1024, (2, 16)), torch.randint(0, 1024, (2, 16))
     valid = torch.ones(2, 16, dtype=torch.bool)
     select = Selection(RandomPolicy(1), 0.25, "sequence", labels, valid, key=0)
-    per_token, mask = model(tokens, labels, select=select, loss_mask=valid.float())
+    out = model(tokens, labels, select=select, loss_mask=valid.float())
+    per_token, mask = out.per_token, out.mask
     assert mask.sum() == 8 and (per_token[~mask] == 0).all()
-    with_sgt = model.aux_terms["mtp_loss"][1]
-    model(tokens, labels, loss_mask=valid.float())
+    with_sgt = out.aux["mtp_loss"][1]
+    without = model(tokens, labels, loss_mask=valid.float()).aux["mtp_loss"][1]
     # the MTP loss does not depend on which positions SGT picked for the next-token loss
-    assert torch.isfinite(with_sgt) and with_sgt.item() == pytest.approx(model.aux_terms["mtp_loss"][1].item(), rel=1e-6)
+    assert torch.isfinite(with_sgt) and with_sgt.item() == pytest.approx(without.item(), rel=1e-6)

@@ -135,20 +135,40 @@ def test_plan_counts_each_ranks_parameters_as_the_real_sharded_model():
     assert [blocks["1x4p", k] for k in range(4)] == [1, 2, 1, 1]
 
 
-def test_plan_cli_recommends_a_fitting_layout():
+def test_plan_cli_recommends_a_fitting_layout(capsys):
+    import json
+
+    from cherry_megatron.cli.plan import main
     from conftest import run_cli
 
-    proc = run_cli(["tools/plan.py", "--config", "dense-1b-48l", "--nodes", "2", "--gpus-per-node", "8"])
+    args = ["tools/plan.py", "--config", "dense-1b-48l", "--nodes", "2", "--gpus-per-node", "8"]
+    proc = run_cli(args + ["--json"])
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = [line.split() for line in proc.stdout.splitlines() if line.split() and line.split()[0].isdigit()]
-    assert rows and all(int(r[0]) * int(r[1]) * int(r[2]) == 16 for r in rows)
-    assert {r[0] for r in rows} == {"1", "2"}  # 20 heads / 10 KV heads: TP 4 and 8 do not divide them
-    assert not any(int(r[1]) > 1 and int(r[3]) > 1 for r in rows)  # no ZeRO-2/3 with a pipeline
-    assert "recommended: parallel.tp=" in proc.stdout.splitlines()[-1]
+    plan = json.loads(proc.stdout)  # the whole of stdout: one document
+    rows = plan["layouts"]
+    assert rows and all(r["tp"] * r["pp"] * r["dp"] == 16 for r in rows)
+    assert {r["tp"] for r in rows} == {1, 2}  # 20 heads / 10 KV heads: TP 4 and 8 do not divide them
+    assert not any(r["pp"] > 1 and r["zero"] > 1 for r in rows)  # no ZeRO-2/3 with a pipeline
+    best = plan["recommended"]
+    assert best in rows and best["fits"] and best["step_s"] == min(r["step_s"] for r in rows if r["fits"])
+    main(args[1:])  # the table (in-process: one real process is enough for the CLI) recommends the same
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith(f"recommended: parallel.tp={best['tp']} parallel.pp={best['pp']} "
+                           f"parallel.zero_stage={best['zero']} (dp={best['dp']})")
+
 
 def test_plan_says_when_no_layout_fits(capsys):
-    from tools.plan import main
+    import json
 
+    from cherry_megatron.cli.plan import main
+
+    args = ["--config", "dense-1b-48l", "--nodes", "1", "--gpus-per-node", "1", "--gpu-memory-gib", "8"]
     with pytest.raises(SystemExit) as exit_:
-        main(["--config", "dense-1b-48l", "--nodes", "1", "--gpus-per-node", "1", "--gpu-memory-gib", "8"])
+        main(args)
     assert exit_.value.code == 2 and "error: no layout fits in memory" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(args + ["--json"])
+    out = capsys.readouterr()
+    assert exit_.value.code == 2 and "error: no layout fits in memory" in out.err
+    plan = json.loads(out.out)
+    assert plan["recommended"] is None and plan["layouts"] and not any(r["fits"] for r in plan["layouts"])

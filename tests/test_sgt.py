@@ -10,8 +10,9 @@ from cherry_megatron.errors import ConfigError
 from cherry_megatron.metrics import read_metrics
 from cherry_megatron.model.gpt import GPT
 from cherry_megatron.payload import is_function_piece
-from cherry_megatron.sgt import (FrequencyPolicy, LossPolicy, RandomPolicy, Selection, gradient_cosine, objective,
-                                 select_top, selected_count)
+from cherry_megatron.losses import sgt_objective
+from cherry_megatron.sgt import (FrequencyPolicy, LossPolicy, RandomPolicy, Selection, gradient_cosine, select_top,
+                                 selected_count)
 from conftest import train
 
 
@@ -63,10 +64,11 @@ def test_gathered_position_loss_equals_masked_full_loss(world_of_one):
     valid = _valid(3, 32)
     for policy in (RandomPolicy(3), LossPolicy()):
         sel = Selection(policy, 0.15, "sequence", labels, valid, key=5)
-        per_token, mask = model(tokens, labels, select=sel)
-        gathered = objective(per_token, mask, valid, 0.0)
+        out = model(tokens, labels, select=sel)
+        per_token, mask = out.per_token, out.mask
+        gathered = sgt_objective(per_token, mask, valid, 0.0)
         g1 = torch.autograd.grad(gathered, list(model.parameters()))
-        full = model(tokens, labels)
+        full = model(tokens, labels).per_token
         masked = (full * mask).sum() / mask.sum()
         g2 = torch.autograd.grad(masked, list(model.parameters()))
         assert abs(gathered.item() - masked.item()) < 1e-5
@@ -75,10 +77,11 @@ def test_gathered_position_loss_equals_masked_full_loss(world_of_one):
             for f, m, v in zip(full.detach(), mask, valid):
                 assert f[m].min() >= f[v & ~m].max()
     anchored = Selection(RandomPolicy(3), 0.15, "sequence", labels, valid, key=5, full_loss=True)
-    per_token, mask = model(tokens, labels, select=anchored)
-    full = model(tokens, labels)
+    out = model(tokens, labels, select=anchored)
+    per_token, mask = out.per_token, out.mask
+    full = model(tokens, labels).per_token
     expect = 0.7 * (full * mask).sum() / mask.sum() + 0.3 * (full * valid).sum() / valid.sum()
-    assert abs(objective(per_token, mask, valid, 0.3).item() - expect.item()) < 1e-5
+    assert abs(sgt_objective(per_token, mask, valid, 0.3).item() - expect.item()) < 1e-5
 
 
 def test_gamma_on_a_two_parameter_toy_matches_hand_computation():
@@ -131,10 +134,45 @@ def test_sgt_tp2_matches_tp1(corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_excess_policy_with_a_reference_and_shuffled_control(corpus, tmp_path):
+def test_excess_policy_with_a_reference_and_shuffled_control(corpus, tmp_path, world_of_one):
+    """The excess run with shuffled tokens trains (gamma probed, losses finite); then, on its first micro-batch
+    in-process: the samples hold the unshuffled samples' tokens in another order, and the positions the trained
+    model supervises are the top 15% by its own per-token loss minus the reference's, both recomputed here from
+    the two checkpoints."""
+    from cherry_megatron.convert.load import load_model
+    from cherry_megatron.data.gpt_data import TrainData
+    from cherry_megatron.data.tokenizer import load_tokenizer
+    from cherry_megatron.sgt import SGT, ExcessPolicy
+
     train(tmp_path / "ref")
     train(tmp_path / "excess", ["sgt.ratio=0.15", "sgt.policy=excess", f"sgt.reference={tmp_path / 'ref'}",
                                 "sgt.probe_interval=3", "data.shuffle_tokens=true"])
     gammas = _rows(tmp_path / "excess", "gamma")
     assert len(gammas) == 2 and all(-1 <= g <= 1 for g in gammas.values())
     assert all(math.isfinite(v) for v in _rows(tmp_path / "excess", "loss").values())
+
+    cfg = load_config(str(tmp_path / "excess" / "config.yaml"))
+    cfg.data.paths = [str(corpus.train)]
+    tokenizer = load_tokenizer(str(corpus.tokenizer))
+    shuffled = TrainData(cfg, tokenizer, 0, 1, str(tmp_path / "cache")).micro_batch(0, 0)
+    cfg.data.shuffle_tokens = False
+    plain = TrainData(cfg, tokenizer, 0, 1, str(tmp_path / "cache")).micro_batch(0, 0)
+    text = {k: torch.cat([b["tokens"][:, :1], b["labels"]], dim=1) for k, b in (("s", shuffled), ("p", plain))}
+    assert torch.equal(shuffled["tokens"][:, 1:], shuffled["labels"][:, :-1])  # labels still the next tokens
+    assert torch.equal(text["s"].sort(dim=1).values, text["p"].sort(dim=1).values)  # each sample's own tokens
+    assert all((a != b).float().mean() > 0.5 for a, b in zip(text["s"], text["p"]))  # in another order
+
+    model, _ = load_model(tmp_path / "excess")
+    reference, _ = load_model(tmp_path / "ref")
+    tokens, labels, valid = shuffled["tokens"], shuffled["labels"], shuffled["loss_mask"] > 0
+    with torch.no_grad():
+        current = model(tokens, labels).per_token.float()
+        excess = current - reference(tokens, labels).per_token.float()
+        state = SGT(cfg, None, torch.device("cpu"))
+        assert isinstance(state.policy, ExcessPolicy)
+        mask = model(tokens, labels, select=state.selection(shuffled, 0)).mask
+    assert valid.all()
+    for row_mask, row_excess in zip(mask, excess):
+        assert row_mask.sum() == selected_count(0.15, len(row_excess))
+        assert row_excess[row_mask].min() >= row_excess[~row_mask].max() - 1e-5
+    assert not torch.equal(mask, select_top(current, valid, 0.15, "sequence"))  # the reference changed the choice

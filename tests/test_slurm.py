@@ -1,6 +1,5 @@
 """The SLURM launcher against a real cluster on this machine (tools/local_slurm.py: munge, slurmctld, two
 slurmd nodes): submit, preempt + requeue + resume, and what submit refuses. No mock of sbatch or srun."""
-import os
 import subprocess
 import time
 

@@ -1,16 +1,22 @@
-"""A full (TP=1) model in and out of checkpoints: TP merge/split by the layout the layers declare
-(`model.layers.TP_LAYOUT`), the consolidated safetensors format, and loading a full state dict into this
-rank's slice of a model. Reading every checkpoint format is `convert/checkpoint.py`'s job.
+"""A full (TP=1) model in and out of checkpoints: TP merge/split by the layout the parameters declare
+(`model.tp_layout`), the consolidated safetensors format, and loading a full state dict into this
+rank's slice of a model. Reading every checkpoint format is `convert/`'s job (`convert.load`), which
+builds on this module, never the other way round.
 """
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import torch
+from megatron.core import parallel_state
+from safetensors.torch import save_file
 
 from cherry_megatron.checkpoint.run_dir import latest_tag
 from cherry_megatron.errors import CheckpointError
-from cherry_megatron.model.layers import tp_layout, tp_merge, tp_slice
+from cherry_megatron.model import build_model
+from cherry_megatron.model.tp_layout import key, model_layout, tp_merge, tp_slice
 
 
 def resolve_tag_dir(path: str | Path) -> Path:
@@ -25,23 +31,23 @@ def resolve_tag_dir(path: str | Path) -> Path:
     raise CheckpointError(f"no checkpoint at {path} (expected a run dir, its checkpoints/ with 'latest', or a tag dir)")
 
 
-def merge_tp(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Full tensors from per-TP-rank state dicts, by the layout the layers declare."""
+def merge_tp(shards: list[dict[str, torch.Tensor]], layout) -> dict[str, torch.Tensor]:
+    """Full tensors from per-TP-rank state dicts; `layout(name)` is a `tp_layout.Table`."""
     if len(shards) == 1:
         return dict(shards[0])
-    return {name: first if tp_layout(name) is None else tp_merge([s[name] for s in shards], *tp_layout(name))
+    return {name: first if layout(name) is None else tp_merge([s[name] for s in shards], *layout(name))
             for name, first in shards[0].items()}
 
 
-def split_tp(full: dict[str, torch.Tensor], tp: int, rank: int) -> dict[str, torch.Tensor]:
+def split_tp(full: dict[str, torch.Tensor], tp: int, rank: int, layout) -> dict[str, torch.Tensor]:
     """The inverse of `merge_tp` for one rank."""
     out = {}
     for name, t in full.items():
-        layout = tp_layout(name)
-        if layout is None or tp == 1:
+        layout_ = layout(name)
+        if layout_ is None or tp == 1:
             out[name] = t
             continue
-        out[name] = tp_slice(t, *layout, tp, rank)
+        out[name] = tp_slice(t, *layout_, tp, rank)
     return out
 
 
@@ -50,10 +56,7 @@ CONSOLIDATED_WEIGHTS, CONSOLIDATED_CONFIG = "model.safetensors", "cherry_config.
 
 def save_consolidated(out_dir: str | Path, state: dict[str, torch.Tensor], cfg_dict: dict) -> None:
     """A full (TP=1) model as safetensors + its config, written to a temp dir and renamed into place."""
-    import json
-    import shutil
 
-    from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     if out_dir.exists():
@@ -66,24 +69,15 @@ def save_consolidated(out_dir: str | Path, state: dict[str, torch.Tensor], cfg_d
     tmp.rename(out_dir)
 
 
-def load_consolidated(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(full fp32 state dict, the run's config dict) for a run dir or DeepSpeed checkpoint at any TP/PP/ZeRO
-    stage, a consolidated safetensors dir (`save_consolidated`) or a Hugging Face Llama dir: the readers of
-    tools/convert_checkpoint.py, which never unpickle code."""
-    from cherry_megatron.convert.checkpoint import read_any
-
-    ck = read_any(path)
-    return {name: ck.get(name).float() for name in ck.specs}, ck.cfg
-
-
 def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, fresh: tuple[str, ...] = ()) -> None:
     """Load a full (TP=1) state dict into this rank's slice of `model`; a checkpoint of another model
     shape is one clear error, not a traceback. Parameters under the `fresh` prefixes may be missing
     from the checkpoint (modules added for this run, e.g. MTP); they keep their initialisation."""
-    from megatron.core import parallel_state
 
+    # Split as this model's own parameters are; a name it lacks passes whole and is reported below.
+    table = model_layout(model)
     local = split_tp(state, parallel_state.get_tensor_model_parallel_world_size(),
-                     parallel_state.get_tensor_model_parallel_rank())
+                     parallel_state.get_tensor_model_parallel_rank(), lambda n: table.get(key(n)))
     if hasattr(model, "localize_state"):  # routed models keep only this rank's experts
         local = model.localize_state(local)
     try:
@@ -94,3 +88,11 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
     missing = [k for k in missing if not k.endswith("_extra_state") and not k.startswith(fresh)]
     if missing or unexpected:
         raise CheckpointError(f"{source} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def build_loaded(cfg, state: dict[str, torch.Tensor], source: str) -> torch.nn.Module:
+    """The model `cfg` describes, this rank's slice of the full `state` loaded into it, in eval mode."""
+
+    model = build_model(cfg)
+    load_into(model, state, source)
+    return model.eval()

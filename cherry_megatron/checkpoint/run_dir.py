@@ -27,7 +27,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _config_diffs(saved: dict, wanted: dict, free=lambda k: False) -> list[str]:
+def config_diffs(saved: dict, wanted: dict, free=lambda k: False) -> list[str]:
     return [k for k in sorted(set(saved) | set(wanted))
             if k not in RESUMABLE_KEYS and not free(k) and saved.get(k) != wanted.get(k)]
 
@@ -42,7 +42,7 @@ def check_run_dir(run_dir: Path, cfg: Config) -> None:
     except yaml.YAMLError:
         raise ConfigError(f"{saved_path} is not valid YAML; the run directory is damaged") from None
     wanted = flatten(cfg.to_dict())
-    diffs = _config_diffs(saved, wanted)
+    diffs = config_diffs(saved, wanted)
     if diffs:
         k = diffs[0]
         more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
@@ -65,24 +65,3 @@ def latest_tag(ckpt_dir: Path) -> Optional[str]:
         return None
     tag = latest.read_text().strip()
     return tag if (ckpt_dir / tag).is_dir() else None
-
-
-def check_universal(path: Path, cfg: Config) -> None:
-    """A universal checkpoint resumes a run of the same config at any parallel layout: refuse one of
-    another run (or none) with one line, before DeepSpeed's loader fails deep inside."""
-    from cherry_megatron.convert.safe_load import load
-    from cherry_megatron.errors import CheckpointError
-
-    latest = path / "latest_universal"
-    tag = latest.read_text().strip() if latest.is_file() else ""
-    files = sorted((path / tag).glob("mp_rank_*_model_states.pt")) if tag else []
-    if not files or not (path / tag / "zero").is_dir():
-        raise CheckpointError(f"train.universal_from={path} is not a universal checkpoint "
-                              f"(expected latest_universal and <tag>/zero/; see tools/convert_checkpoint.py)")
-    saved = flatten(load(files[0]).get("cherry_config") or {})
-    diffs = _config_diffs(saved, flatten(cfg.to_dict()),
-                          lambda k: k.startswith("parallel.") or k in ("train.universal_from", "model.init_from"))
-    if diffs:
-        k = diffs[0]
-        raise ConfigError(f"train.universal_from={path} holds a run with {k}={saved.get(k)!r}, requested "
-                          f"{flatten(cfg.to_dict()).get(k)!r}: only the parallel layout may change on a universal resume")

@@ -21,11 +21,9 @@ import torch
 
 from cherry_megatron.config import Config
 from cherry_megatron.errors import ConfigError
-from cherry_megatron.model.recurrent import PROJECTIONS
+from cherry_megatron.model.recurrent import PROJ_WEIGHTS, PROJECTIONS
 
 INITS = ("average", "stepwise", "lower")
-PROJ_WEIGHTS = {"q": "attn.q.weight", "kv": "attn.kv.weight", "o": "attn.o.weight",
-                "gate_up": "mlp.gate_up.weight", "down": "mlp.down.weight"}
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 

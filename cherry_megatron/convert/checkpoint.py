@@ -6,17 +6,28 @@ comes from), not the model. `validate` checks the names and shapes against the m
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import re
+import shutil
+import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
+from megatron.core import parallel_state
+from safetensors import SafetensorError, safe_open
 
+from cherry_megatron import compat, distributed
 from cherry_megatron.checkpoint.consolidate import CONSOLIDATED_CONFIG, CONSOLIDATED_WEIGHTS, resolve_tag_dir
+from cherry_megatron.config import ParallelConfig, from_dict
 from cherry_megatron.convert import safe_load
-from cherry_megatron.errors import CheckpointError
-from cherry_megatron.model.layers import tp_layout, tp_merge
+from cherry_megatron.convert.safetensors_stream import DTYPES
+from cherry_megatron.errors import CheckpointError, UserError
+from cherry_megatron.model import build_model, layout_table
+from cherry_megatron.model.tp_layout import merged_shape, tp_merge
 
 
 @dataclass
@@ -26,28 +37,45 @@ class Checkpoint:
     fetch: Callable[[str], torch.Tensor] = field(repr=False)
     source: str = ""
     step: int = 0
+    _layout: Callable | None = field(default=None, repr=False)
 
     def get(self, name: str) -> torch.Tensor:
         return self.fetch(name)
+
+    def layout(self, name: str):
+        """How `name` splits over TP ranks, for writers that re-shard (`shard_layout`)."""
+        if self._layout is None:
+            self._layout = shard_layout(self.cfg, self.source, tp=2)
+        return self._layout(name)
 
     @property
     def nbytes(self) -> int:
         return sum(d.itemsize * torch.Size(s).numel() for d, s in self.specs.values())
 
 
-def merged_shape(shapes: list[tuple], layout) -> tuple:
-    if layout is None or len(shapes) == 1:
-        return tuple(shapes[0])
-    dim = layout[0]
-    out = list(shapes[0])
-    out[dim] = sum(s[dim] for s in shapes)
-    return tuple(out)
+def shard_layout(cfg: dict, source: str, tp: int):
+    """name -> (dim, stride) or None for merging `tp` shards of a checkpoint of config `cfg`: the layout the
+    parameters of the model it describes declare (`model.layout_table`). One shard needs no layout."""
+    if tp == 1:
+        return lambda name: None
+
+    try:
+        table = layout_table(cfg)
+    except (KeyError, TypeError, ValueError, UserError) as e:
+        raise CheckpointError(f"{source}: its config does not describe a model we build: {e}") from None
+
+    def layout(name: str):
+        try:
+            return table(name)
+        except KeyError:
+            raise CheckpointError(f"{source} holds {name}, which the model its config describes does not have") from None
+    return layout
 
 
-def merge_one(name: str, slices: list[torch.Tensor]) -> torch.Tensor:
+def merge_one(layout, name: str, slices: list[torch.Tensor]) -> torch.Tensor:
     """Full tensor from its TP slices (a strided weight holds `stride` interleaved blocks per rank)."""
-    layout = tp_layout(name)
-    return slices[0] if layout is None or len(slices) == 1 else tp_merge(slices, *layout)
+    split = layout(name) if len(slices) > 1 else None
+    return slices[0] if split is None else tp_merge(slices, *split)
 
 
 def _weights(d: dict) -> dict[str, torch.Tensor]:
@@ -57,23 +85,12 @@ def _weights(d: dict) -> dict[str, torch.Tensor]:
 
 def _from_shards(shards: list[dict[str, torch.Tensor]], cfg: dict, source: str, step: int) -> Checkpoint:
     """TP shards of one state dict (rank order) -> a Checkpoint merging each tensor when asked for."""
-    specs = {n: (t.dtype, merged_shape([s[n].shape for s in shards], tp_layout(n))) for n, t in shards[0].items()}
+    layout = shard_layout(cfg, source, len(shards))
+    specs = {n: (t.dtype, merged_shape([s[n].shape for s in shards], layout(n))) for n, t in shards[0].items()}
     missing = [n for s in shards[1:] for n in specs if n not in s]
     if missing:
         raise CheckpointError(f"{source}: TP shards disagree (rank 0 has {missing[0]}, another rank does not)")
-    return Checkpoint(cfg, specs, lambda n: merge_one(n, [s[n] for s in shards]), source, step)
-
-
-def read_any(path: str | Path) -> Checkpoint:
-    """A torch-format dir, a Hugging Face Llama dir or a DeepSpeed checkpoint, told apart by their files."""
-    path = Path(path)
-    if (path / CONSOLIDATED_WEIGHTS).is_file() and (path / CONSOLIDATED_CONFIG).is_file():
-        return read_torch(path)
-    if (path / "config.json").is_file() and list(path.glob("model*.safetensors")):
-        from cherry_megatron.convert.hf_import import read_hf
-
-        return read_hf(path)
-    return read_deepspeed(path)
+    return Checkpoint(cfg, specs, lambda n: merge_one(layout, n, [s[n] for s in shards]), source, step)
 
 
 # ---------------------------------------------------------------------------------------------- DeepSpeed
@@ -90,8 +107,11 @@ def read_deepspeed(path: str | Path) -> Checkpoint:
     if not meta_files:
         raise CheckpointError(f"{tag_dir} holds no DeepSpeed model-states files (mp_rank_*_model_states.pt)")
     metas = [safe_load.load(f) for f in meta_files]
+    bad = next(((f, m) for f, m in zip(meta_files, metas) if not isinstance(m, dict)), None)
+    if bad:
+        raise CheckpointError(f"{bad[0]} is not a DeepSpeed model-states file (it holds a {type(bad[1]).__name__})")
     cfg = metas[0].get("cherry_config")
-    if cfg is None:
+    if not isinstance(cfg, dict):
         raise CheckpointError(f"{tag_dir} is not a cherry_megatron checkpoint (no 'cherry_config' in it)")
     step = int(metas[0].get("step", metas[0].get("global_steps", 0)) or 0)
     src = str(tag_dir)
@@ -99,7 +119,7 @@ def read_deepspeed(path: str | Path) -> Checkpoint:
         return _read_pipeline(tag_dir, cfg, src, step)
     if meta_files[0].name.startswith("zero_pp_rank_"):
         return _read_zero3(tag_dir, len(meta_files), cfg, src, step)
-    shards = [_weights(m["module"] or {}) for m in metas]
+    shards = [_weights(m.get("module") or {}) for m in metas]
     experts = _expert_shards(tag_dir)
     if experts:
         shards = [{**s, **e} for s, e in zip(shards, experts)]
@@ -146,28 +166,24 @@ def _read_zero3(tag_dir: Path, tp: int, cfg: dict, src: str, step: int) -> Check
     """ZeRO-3 keeps weights only in the flat optimizer partitions; DeepSpeed's `zero_to_fp32` gathers them,
     lazily (one tensor when touched). It reads every `*_optim_states.pt` of a folder as one TP rank's, so
     each rank gets a folder of links to its own files."""
-    import tempfile
 
     links = Path(tempfile.mkdtemp(prefix="cherry_zero3_"))
     try:
         shards = [_zero3_rank(tag_dir, links, r) for r in range(tp)]
     finally:  # the optimizer files are open (memory-mapped) by now; the links are no longer needed
-        import shutil
 
         shutil.rmtree(links, ignore_errors=True)
 
-    def fetch(n: str) -> torch.Tensor:
-        return merge_one(n, [s[n].contiguous().detach() for s in shards])
+    layout = shard_layout(cfg, src, tp)
 
-    specs = {n: (torch.float32, merged_shape([tuple(s[n].shape) for s in shards], tp_layout(n))) for n in shards[0]}
+    def fetch(n: str) -> torch.Tensor:
+        return merge_one(layout, n, [s[n].contiguous().detach() for s in shards])
+
+    specs = {n: (torch.float32, merged_shape([tuple(s[n].shape) for s in shards], layout(n))) for n in shards[0]}
     return Checkpoint(cfg, specs, fetch, src, step)
 
 
 def _zero3_rank(tag_dir: Path, links: Path, r: int) -> dict:
-    import contextlib
-    import sys
-
-    from deepspeed.utils import zero_to_fp32
 
     d = links / f"tp{r}"
     d.mkdir()
@@ -175,10 +191,11 @@ def _zero3_rank(tag_dir: Path, links: Path, r: int) -> dict:
         (d / f.name).symlink_to(f.resolve())
     try:  # zero_to_fp32 reports on stdout, which a CLI keeps for its result
         with safe_load.weights_only_loads(), contextlib.redirect_stdout(sys.stderr):
-            lazy = zero_to_fp32._get_fp32_state_dict_from_zero_checkpoint(str(d), False)
-    except CheckpointError:
-        raise
-    except Exception as e:
+            lazy = compat.zero3_fp32_state_dict(str(d))
+    except (ValueError, OSError, KeyError, RuntimeError) as e:
+        # What zero_to_fp32 raises for shards it cannot use: ValueError/FileNotFoundError by design, KeyError for
+        # a state dict without its keys, RuntimeError when flat partitions do not fit the shapes. A torch.load
+        # failure is already a CheckpointError (weights_only_loads); anything else is a bug and keeps its traceback.
         raise CheckpointError(f"cannot read the ZeRO-3 shards of TP rank {r} in {tag_dir}: "
                               f"{str(e).strip().splitlines()[0]}") from None
     return {k: v for k, v in lazy.items() if not k.endswith("._extra_state")}
@@ -187,7 +204,6 @@ def _zero3_rank(tag_dir: Path, links: Path, r: int) -> dict:
 # --------------------------------------------------------------------------------------------- safetensors
 def read_torch(path: str | Path) -> Checkpoint:
     """`save_consolidated` / `--output-format torch`: model.safetensors + cherry_config.json."""
-    import json
 
     path = Path(path)
     if not (path / CONSOLIDATED_WEIGHTS).is_file() or not (path / CONSOLIDATED_CONFIG).is_file():
@@ -200,37 +216,32 @@ def read_torch(path: str | Path) -> Checkpoint:
 
 
 def read_safetensors(file: Path, cfg: dict, source: str, rename: Callable[[str], str] = lambda n: n) -> Checkpoint:
-    from safetensors import SafetensorError, safe_open
-
     try:
         f = safe_open(str(file), framework="pt")
         names = list(f.keys())
         specs = {}
         for n in names:
             sl = f.get_slice(n)
-            specs[rename(n)] = (_st_dtype(sl.get_dtype()), tuple(sl.get_shape()))
+            specs[rename(n)] = (_st_dtype(sl.get_dtype(), file), tuple(sl.get_shape()))
+        step = int((f.metadata() or {}).get("step", 0))  # metadata values are strings; ours is an int
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {file} (truncated or not safetensors): {str(e).splitlines()[0]}") from None
     back = {rename(n): n for n in names}
-    step = int((f.metadata() or {}).get("step", 0))
     return Checkpoint(cfg, specs, lambda n: f.get_tensor(back[n]), source, step)
 
 
-def _st_dtype(s: str) -> torch.dtype:
-    from cherry_megatron.convert.safetensors_stream import DTYPES
-
-    return {v: k for k, v in DTYPES.items()}[s]
+def _st_dtype(s: str, file: Path | str = "") -> torch.dtype:
+    by_name = {v: k for k, v in DTYPES.items()}
+    if s not in by_name:
+        raise CheckpointError(f"{file}: tensor dtype {s} is not one we read ({', '.join(by_name)})")
+    return by_name[s]
 
 
 # ---------------------------------------------------------------------------------------------- validation
 def model_tensors(cfg_dict: dict) -> tuple[dict[str, tuple], list[str]]:
     """({name: shape}, [`_extra_state` names]) of the full (TP=1) model this config builds, built on the meta
     device (shapes only, no memory) in a world of one."""
-    from megatron.core import parallel_state
 
-    from cherry_megatron import distributed
-    from cherry_megatron.config import ParallelConfig, from_dict
-    from cherry_megatron.model import build_model
 
     cfg = from_dict(cfg_dict)
     cfg.moee.ep_size = 1  # a full checkpoint holds every expert

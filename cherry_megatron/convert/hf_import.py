@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from cherry_megatron.convert.checkpoint import Checkpoint, _st_dtype
 from cherry_megatron.convert.hf_llama import from_hf_config, our_name
@@ -13,14 +14,17 @@ from cherry_megatron.errors import CheckpointError
 
 
 def read_hf(path: str | Path) -> Checkpoint:
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     try:
         hf = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path} is not a Hugging Face model directory (config.json: {e})") from None
-    cfg = from_hf_config(hf, str(path))
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{path}/config.json holds a {type(hf).__name__}, not a model config")
+    try:
+        cfg = from_hf_config(hf, str(path))
+    except KeyError as e:  # a Llama config.json always names these sizes
+        raise CheckpointError(f"{path}/config.json has no {e} (not a Llama config)") from None
     files = sorted(path.glob("model*.safetensors"))
     if not files:
         raise CheckpointError(f"{path} holds no model*.safetensors (pytorch_model.bin is pickle: not loaded)")
@@ -52,7 +56,7 @@ def read_hf(path: str | Path) -> Checkpoint:
         sl = [h.get_slice(n) for h, n in got.values()]
         shape = list(sl[0].get_shape())
         shape[0] = sum(s.get_shape()[0] for s in sl)
-        specs[name] = (_st_dtype(sl[0].get_dtype()), tuple(shape))
+        specs[name] = (_st_dtype(sl[0].get_dtype(), path), tuple(shape))
     order = sorted(specs, key=lambda n: (0, 0) if n == "embed.weight" else
                    (1, int(n.split(".")[1])) if n.startswith("layers.") else (2, 0))
     return Checkpoint(cfg, {n: specs[n] for n in order}, fetch, str(path))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 
+from cherry_megatron.config import Config
 from cherry_megatron.errors import CheckpointError
 
 _FUSED = {"attn.kv.weight": ("self_attn.k_proj.weight", "self_attn.v_proj.weight"),
@@ -74,7 +75,6 @@ def _ffn(m: dict) -> int:
 
 def from_hf_config(hf: dict, source: str) -> dict:
     """Our config (as a dict) for a Llama config.json; anything Llama-like we do not build is refused."""
-    from cherry_megatron.config import Config
 
     arch = hf.get("model_type")
     if arch != "llama":

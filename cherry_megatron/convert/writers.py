@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
+import deepspeed
 import torch
 from tqdm import tqdm
 
@@ -17,7 +19,8 @@ from cherry_megatron.checkpoint.consolidate import CONSOLIDATED_CONFIG, CONSOLID
 from cherry_megatron.convert import hf_llama
 from cherry_megatron.convert.checkpoint import Checkpoint
 from cherry_megatron.convert.safetensors_stream import SafetensorsWriter
-from cherry_megatron.model.layers import tp_layout, tp_slice
+from cherry_megatron.errors import CheckpointError
+from cherry_megatron.model.tp_layout import tp_slice
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EXPERTS = ".deepspeed_experts."
@@ -78,8 +81,6 @@ def write_hf(ck: Checkpoint, out: Path, dtype: torch.dtype | None, tokenizer: st
                                                 indent=1))
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}))
     if tokenizer and Path(tokenizer).is_file():
-        import shutil
-
         shutil.copyfile(tokenizer, out / "tokenizer.model")
         (out / "tokenizer_config.json").write_text(json.dumps(hf_llama.TOKENIZER_CONFIG, indent=1))
         (out / "special_tokens_map.json").write_text(json.dumps(
@@ -95,7 +96,6 @@ def write_deepspeed(ck: Checkpoint, out: Path, tp: int, pp: int, dtype: torch.dt
     PipelineModule saves them), routed experts in `layer_K_expert_E_mp_rank_XX_model_states.pt`.
     No optimizer state: a run started from it begins a fresh optimizer (a universal checkpoint keeps it).
     `extra_states`: the `_extra_state` entries megatron's layers expect in a strict load."""
-    import deepspeed
 
     tag = f"global_step{ck.step}"
     tag_dir = out / tag
@@ -123,8 +123,8 @@ def write_deepspeed(ck: Checkpoint, out: Path, tp: int, pp: int, dtype: torch.dt
 
 def tp_part(ck: Checkpoint, name: str, tp: int, rank: int, dtype) -> torch.Tensor:
     t = cast(ck.get(name), dtype)
-    layout = tp_layout(name)
-    return tp_slice(t, *layout, tp, rank).contiguous() if layout and tp > 1 else t.contiguous()
+    layout = ck.layout(name) if tp > 1 else None
+    return tp_slice(t, *layout, tp, rank).contiguous() if layout else t.contiguous()
 
 
 def _write_experts(ck, tag_dir: Path, experts, prefixes, tp: int, r: int, dtype, extra_states) -> None:
@@ -149,8 +149,6 @@ def pipeline_layer(name: str, num_layers: int) -> tuple[int, str]:
 def _write_pipeline(ck, tag_dir: Path, names, tp: int, pp: int, dtype, extra_states, meta) -> None:
     cfg = meta["cherry_config"]
     if cfg["recurrent"]["num_blocks"] or cfg["moee"]["num_experts"]:
-        from cherry_megatron.errors import CheckpointError
-
         raise CheckpointError("--target-pp > 1 is supported for dense models only (recurrent and routed models "
                               "keep their shared blocks in the optimizer state of a pipeline checkpoint)")
     L = cfg["model"]["num_layers"]

@@ -7,16 +7,15 @@ order, and runs with different DP/TP layouts see the same global batches.
 from __future__ import annotations
 
 import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.utils import get_blend_from_list
 
 from cherry_megatron.config import Config
 
 
 class TrainData:
     def __init__(self, cfg: Config, tokenizer, dp_rank: int, dp: int, cache_dir: str):
-        from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-        from megatron.core.datasets.utils import get_blend_from_list
-
         blend = get_blend_from_list([str(p) for p in cfg.data.paths])
         t = cfg.train
         self.mbs, self.gbs, self.dp_rank, self.dp = t.micro_batch_size, t.global_batch_size, dp_rank, dp

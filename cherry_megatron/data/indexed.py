@@ -1,32 +1,84 @@
-"""Opening Megatron `.bin/.idx` files with a clear error when one is missing or truncated."""
+"""Opening Megatron `.bin/.idx` files with a clear error when one is missing, truncated or corrupt."""
 from __future__ import annotations
 
 import os
+import struct
 
 import numpy as np
+from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from cherry_megatron.errors import DataError
+
+_MAGIC = b"MMIDIDX\x00\x00"
+_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count, document count: 34 bytes
+# megatron's DType codes that hold token ids (6, 7 are float64/float32: not token data)
+_TOKEN_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 8: np.uint16}
+
+
+def _check_index(prefix: str) -> None:
+    """The .idx header and arrays are consistent with each other and with the .bin's size.
+
+    megatron's IndexedDataset assigns `self.index` last, after parsing, and its `__del__` deletes it
+    unconditionally: constructing one on a bad file raises, then leaves a half-built object whose `__del__`
+    prints "Exception ignored ... AttributeError" at garbage collection (an empty .bin does the same to its
+    _MMapBinReader). So every file is checked here first and only a whole pair reaches the constructor. The
+    checks also catch what megatron would accept: counts that disagree with the file size, pointers that
+    are not the running sum of the lengths, a .bin of another size than its index says.
+    """
+    idx, bin_ = prefix + ".idx", prefix + ".bin"
+
+    def bad(why: str) -> DataError:
+        return DataError(f"truncated or corrupt index file {idx}: {why}")
+
+    try:
+        size = os.path.getsize(idx)
+        with open(idx, "rb") as f:
+            head = f.read(_HEADER.size)
+    except OSError as e:
+        raise DataError(f"cannot read {idx}: {e.strerror}") from None
+    if len(head) < _HEADER.size:
+        raise bad(f"{size} bytes, shorter than the {_HEADER.size}-byte header")
+    magic, version, code, n_seq, n_doc = _HEADER.unpack(head)
+    if magic != _MAGIC or version != 1:
+        raise bad("not a Megatron MMIDIDX version-1 index")
+    if code not in _TOKEN_DTYPES:
+        raise bad(f"dtype code {code} is not an integer token type")
+    dtype = np.dtype(_TOKEN_DTYPES[code])
+    arrays = _HEADER.size + 12 * n_seq + 8 * n_doc  # int32 lengths, int64 pointers, int64 document indices
+    if size not in (arrays, arrays + n_seq):  # + n_seq: a multimodal index's int8 modes
+        raise bad(f"{size} bytes, its header ({n_seq} sequences, {n_doc} document bounds) needs {arrays}")
+    if n_seq == 0:
+        raise DataError(f"data file {bin_} holds no documents")
+    mm = np.memmap(idx, mode="r", dtype=np.uint8)
+    lengths = mm[_HEADER.size:_HEADER.size + 4 * n_seq].view(np.int32).astype(np.int64)
+    pointers = mm[_HEADER.size + 4 * n_seq:_HEADER.size + 12 * n_seq].view(np.int64)
+    docs = mm[_HEADER.size + 12 * n_seq:arrays].view(np.int64)
+    if (lengths < 0).any():
+        raise bad("a negative sequence length")
+    starts = np.concatenate([[0], np.cumsum(lengths[:-1])]) * dtype.itemsize
+    if not np.array_equal(pointers, starts):
+        raise bad("sequence pointers disagree with the sequence lengths")
+    if n_doc < 1 or docs[0] != 0 or docs[-1] != n_seq or (np.diff(docs) < 0).any():
+        raise bad("document indices are not a rising sequence from 0 to the sequence count")
+    expected = int(starts[-1] + lengths[-1] * dtype.itemsize)
+    actual = os.path.getsize(bin_)
+    if actual < expected:
+        raise DataError(f"truncated data file {bin_}: {actual} bytes, its index expects {expected}")
+    if actual > expected:
+        raise DataError(f"data file {bin_} is {actual} bytes, its index expects {expected}: "
+                        "the .bin and .idx are not one pair")
+    if expected == 0:
+        raise DataError(f"data file {bin_} holds no tokens")
 
 
 def open_indexed(prefix: str):
     """megatron-core's IndexedDataset for `prefix`, after checking both files are whole."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     for ext in (".idx", ".bin"):
         if not os.path.isfile(prefix + ext):
             raise DataError(f"missing data file {prefix}{ext} (data prefixes name files without the extension)")
-    try:
-        ds = IndexedDataset(prefix, mmap=True)
-    except Exception as e:  # struct/numpy errors from a short or foreign header
-        raise DataError(f"truncated or corrupt index file {prefix}.idx: {str(e).splitlines()[0]}") from None
-    idx = ds.index
-    if len(idx.sequence_lengths) == 0:
-        raise DataError(f"data file {prefix}.bin holds no documents")
-    expected = int(idx.sequence_pointers[-1]) + int(idx.sequence_lengths[-1]) * np.dtype(idx.dtype).itemsize
-    actual = os.path.getsize(prefix + ".bin")
-    if actual < expected:
-        raise DataError(f"truncated data file {prefix}.bin: {actual} bytes, its index expects {expected}")
-    return ds
+    _check_index(prefix)
+    return IndexedDataset(prefix, mmap=True)
 
 
 def token_stream(prefix: str) -> np.ndarray:

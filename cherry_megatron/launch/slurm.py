@@ -1,6 +1,6 @@
 """Submit a training run to SLURM.
 
-    python -m cherry_megatron.launch.slurm submit --config PRESET_OR_YAML --run-dir DIR --nodes N
+    cherry-submit --config PRESET_OR_YAML --run-dir DIR --nodes N   (= python -m cherry_megatron.launch.slurm submit)
         --gpus-per-node G [--tasks-per-node T] [--cpus-per-task C] [--partition P] [--time T]
         [--account A] [--launcher srun|torchrun] [--dry-run] [--set key=value ...]
 
@@ -8,8 +8,8 @@ Everything is checked before anything is written or submitted: the partition (it
 with the CPUs and GPUs asked for), then the config at the world size the job will have (N x tasks per
 node), the run dir (a different run's is refused) and the data files. The job runs in the directory the
 submit ran in (relative data paths mean the same to both; the package must be installed in --python's
-environment, as `make setup` does). The batch script
-(launchers/slurm/train.sbatch, filled in) is written to DIR/slurm/ and submitted; logs go to
+environment, as `make setup` or `pip install .` does). The batch script
+(cherry_megatron/launch/train.sbatch, package data, filled in) is written to DIR/slurm/ and submitted; logs go to
 DIR/slurm/<job name>-<job id>.out, appended across requeues. `--dry-run` prints the script instead.
 
 Launchers: `srun` (default) starts one task per GPU (per `--tasks-per-node` on CPU-only nodes: gloo);
@@ -19,6 +19,7 @@ reads its rank from the environment (cherry_megatron.distributed).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import shlex
 import shutil
@@ -27,10 +28,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from cherry_megatron.checkpoint.run_dir import atomic_write_text
 from cherry_megatron.errors import ConfigError, UserError, cli_errors
 
-REPO = Path(__file__).resolve().parents[2]
-TEMPLATE = REPO / "launchers" / "slurm" / "train.sbatch"
+TEMPLATE = Path(__file__).resolve().with_name("train.sbatch")  # package data: found from any install
 
 
 @dataclass
@@ -87,18 +88,10 @@ def tasks_per_node(args) -> int:
 
 
 def check_run(args, world: int):
-    """The config at the job's world size, the run dir and the data, as the trainer will check them."""
-    from cherry_megatron.checkpoint.run_dir import check_run_dir
-    from cherry_megatron.config import load_config, validate
-    from cherry_megatron.data.tokenizer import load_tokenizer
-    from cherry_megatron.train import check_data, resolve_vocab
+    """The config at the job's world size, the run dir and the data: the trainer's own start-up checks."""
+    from cherry_megatron.preflight import preflight  # here: megatron and DeepSpeed load in seconds; --help need not wait
 
-    cfg = load_config(args.config, [o for group in args.overrides for o in group])
-    validate(cfg, world)
-    resolve_vocab(cfg, load_tokenizer(cfg.data.tokenizer_model).vocab_size)
-    check_data(cfg)
-    check_run_dir(args.run_dir, cfg)
-    return cfg
+    return preflight(args.config, [o for group in args.overrides for o in group], args.run_dir, world)[0]
 
 
 def render(args, cfg) -> str:
@@ -132,8 +125,6 @@ def render(args, cfg) -> str:
 
 
 def submit(args) -> str:
-    from cherry_megatron.checkpoint.run_dir import atomic_write_text
-
     if args.nodes < 1 or tasks_per_node(args) < 1 or args.cpus_per_task < 1:
         raise ConfigError("--nodes, --tasks-per-node (or --gpus-per-node) and --cpus-per-task must be >= 1")
     if args.launcher == "torchrun" and not args.gpus_per_node:
@@ -142,7 +133,8 @@ def submit(args) -> str:
         check_fits(args, partition_info(args.partition))
     elif not args.dry_run:
         raise UserError("sinfo/sbatch not found: run this on a SLURM login node (or pass --dry-run)")
-    cfg = check_run(args, args.nodes * tasks_per_node(args))
+    with contextlib.redirect_stdout(sys.stderr):  # stdout: the script (--dry-run); DeepSpeed's import logs to stdout
+        cfg = check_run(args, args.nodes * tasks_per_node(args))
     script = render(args, cfg)
     if args.dry_run:
         print(script, end="")
@@ -162,7 +154,11 @@ def submit(args) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("submit", help="check, write and submit the batch script")
+    submit_arguments(sub.add_parser("submit", help="check, write and submit the batch script"))
+    return p.parse_args(argv)
+
+
+def submit_arguments(s: argparse.ArgumentParser) -> argparse.ArgumentParser:
     s.add_argument("--config", required=True)
     s.add_argument("--run-dir", type=Path, required=True, help="on a filesystem every node sees")
     s.add_argument("--nodes", type=int, required=True)
@@ -177,11 +173,19 @@ def parse_args(argv=None):
     s.add_argument("--python", default=sys.executable, help="the interpreter on the compute nodes")
     s.add_argument("--dry-run", action="store_true", help="check and print the script; submit nothing")
     s.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE")
-    return p.parse_args(argv)
+    return s
 
 
 def main(argv=None) -> str:
     args = parse_args(argv)
+    with cli_errors():
+        return submit(args)
+
+
+def submit_main(argv=None) -> str:
+    """`cherry-submit ARGS` = `python -m cherry_megatron.launch.slurm submit ARGS`."""
+    p = submit_arguments(argparse.ArgumentParser(description="Check, write and submit a training run's batch script."))
+    args = p.parse_args(argv)
     with cli_errors():
         return submit(args)
 

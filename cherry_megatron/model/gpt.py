@@ -1,104 +1,152 @@
 """The dense decoder-only transformer (Llama-style: RMSNorm, RoPE, SwiGLU, GQA, SDPA)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 from megatron.core import parallel_state
-from megatron.core.model_parallel_config import ModelParallelConfig
-from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
+from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
 from torch import nn
 
 from cherry_megatron.config import ModelConfig
-from cherry_megatron.model.layers import Block, RotaryEmbedding, normal_init
-
-
-def parallel_config(tp: int, params_dtype: torch.dtype = torch.float32) -> ModelParallelConfig:
-    # CPU initialisation on every device keeps the weights independent of the TP degree (see layers.py).
-    return ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True,
-                               params_dtype=params_dtype, perform_initialization=True)
+from cherry_megatron.losses import Output, summed_aux, token_losses
+from cherry_megatron.model.layers import (Block, LayerContext, LayerUnit, RotaryEmbedding, normal_init, output_logits,
+                                          parallel_config)
+from cherry_megatron.model.mtp import MTP
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig, params_dtype: torch.dtype = torch.float32, num_blocks: int = 0,
-                 mlp_factory=None):
-        """`num_blocks` < cfg.num_layers builds fewer blocks for a recurrent model (recurrent.py) that
-        unrolls them to cfg.num_layers positions; init scaling follows the unrolled depth.
-        `mlp_factory(block_index)` builds each block's MLP in place of the SwiGLU (moee.py)."""
+    """The model contract every model here keeps (dense, recurrent, routed, any with MTP): `embed(tokens)`,
+    `units()` (the ordered layer units, model/layers.py `LayerUnit`), `final_norm`, `logits(h)` through
+    `head`; `forward` returns a `losses.Output`. `hidden_states`, the trainer and the pipeline builder
+    (model/pipeline.py) all consume those parts, so a subclass changes what a unit does, not the loop."""
+
+    def __init__(self, cfg: ModelConfig, params_dtype: torch.dtype = torch.float32, *, recurrent=None,
+                 mlp_factory=None, mtp_depth: int = 0, mtp_weight: float = 0.0, checkpoint_every: int = 0):
+        """`recurrent` (a RecurrentConfig) builds its num_blocks < cfg.num_layers blocks, unrolled to
+        cfg.num_layers positions with per-position parameters (recurrent.py); init scaling follows the
+        unrolled depth. `mlp_factory(block_index)` builds each block's MLP in place of the SwiGLU (moee.py).
+        `mtp_depth` adds multi-token prediction (mtp.py); `checkpoint_every` = n recomputes every n-th
+        unit's activations in the backward pass (train.activation_checkpointing)."""
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.rcfg = cfg, recurrent
         mp = parallel_config(parallel_state.get_tensor_model_parallel_world_size(), params_dtype)
         self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, init_method=normal_init(cfg.init_std),
                                             config=mp)
-        self.layers = nn.ModuleList(Block(cfg, mp, mlp_factory(i) if mlp_factory else None)
-                                    for i in range(num_blocks or cfg.num_layers))
+        num_blocks = recurrent.num_blocks if recurrent is not None else cfg.num_layers
+        self.layers = nn.ModuleList(Block(cfg, mp, mlp_factory(i) if mlp_factory else None) for i in range(num_blocks))
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=params_dtype)
         self.head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, config=mp,
                                          init_method=normal_init(cfg.init_std), bias=False, gather_output=False,
                                          skip_weight_param_allocation=cfg.tie_embeddings)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
-        self.checkpoint_every = 0  # activation checkpointing: every n-th layer (train.activation_checkpointing)
-        self.mtp = None  # multi-token prediction (mtp.py), attached by model.build_model
-        self.mtp_weight = 0.0
-        self.aux_terms: dict = {}
+        self.schedule = recurrent.resolved_schedule(cfg.num_layers) if recurrent is not None else list(range(num_blocks))
+        self.build_position_parameters(params_dtype)
+        # Built last, after every other weight: the seeded initialisation draws in this order.
+        self.mtp = MTP(cfg, mtp_depth, params_dtype) if mtp_depth else None
+        self.mtp_weight = mtp_weight
+        self.checkpoint_every = checkpoint_every
+        self.aux_weights = {"mtp_loss": mtp_weight} if mtp_depth else {}
 
-    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+    def build_position_parameters(self, params_dtype: torch.dtype) -> None:
+        """Per-position parameters of a recurrent model (recurrent.py); a dense model has none."""
+
+    @property
+    def exit_weights(self) -> dict[int, float]:
+        """Exit depth -> weight of its loss in training (recurrent.exit_loss_weights); none for a dense model."""
+        return dict(zip(self.rcfg.exit_depths, self.rcfg.exit_loss_weights)) if self.rcfg is not None else {}
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.norm  # stored as `norm.weight`: the name every checkpoint and export already uses
+
+    def position(self, i: int):
+        """What unit i adds to its block (recurrent.py); None for a dense model."""
+        return None
+
+    def units(self) -> list[LayerUnit]:
+        return [LayerUnit(i, b, functools.partial(self._run_unit, i)) for i, b in enumerate(self.schedule)]
+
+    def _run_unit(self, i: int, x: torch.Tensor, ctx: LayerContext, cache=None) -> torch.Tensor:
+        return self.layers[self.schedule[i]](x, ctx, self.position(i), cache)
+
+    def context(self, x: torch.Tensor) -> LayerContext:
+        return LayerContext(*self.rope(x.shape[1], x.device, x.dtype))
+
+    def unroll(self, x: torch.Tensor, ctx: LayerContext, start: int = 0, end: int | None = None,
+               taps: dict | None = None) -> torch.Tensor:
+        """The residual stream after units start..end-1 (early-exit decoding continues from a depth);
+        `taps[d]` collects the un-normed stream after each depth d it names."""
+        units = self.units()
+        for unit in units[start:len(units) if end is None else end]:
+            x = self.run_layer(unit.index, unit.call, x, ctx)
+            if taps is not None and unit.index + 1 in taps:
+                taps[unit.index + 1] = x
+        return x
+
+    def hidden_states(self, tokens: torch.Tensor, depth: int = 0, taps: dict | None = None,
+                      ctx: LayerContext | None = None) -> torch.Tensor:
+        """Final-normed hidden states after `depth` units (0: all)."""
         x = self.embed(tokens)
-        cos, sin = self.rope(tokens.shape[1], x.device, x.dtype)
-        for i, layer in enumerate(self.layers):
-            x = self.run_layer(i, layer, x, cos, sin)
-        return self.norm(x)
+        ctx = ctx if ctx is not None else self.context(x)
+        return self.final_norm(self.unroll(x, ctx, 0, depth or None, taps))
 
     def run_layer(self, i: int, fn, *args) -> torch.Tensor:
-        """fn(*args) for layer (or position) i; in training with `checkpoint_every` = n > 0, every n-th one
-        keeps only its input and recomputes its activations in the backward pass. torch's checkpoint, not
-        megatron's: megatron's needs its CUDA RNG tracker, and no layer here draws random numbers."""
+        """fn(*args) for unit i; in training with `checkpoint_every` = n > 0, every n-th one keeps only its
+        input and recomputes its activations in the backward pass. torch's checkpoint, not megatron's:
+        megatron's needs its CUDA RNG tracker, and no layer here draws random numbers."""
         n = self.checkpoint_every
         if n and i % n == 0 and self.training and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Vocab-parallel logits: each TP rank holds its slice of the vocabulary."""
-        out, _ = self.head(h, weight=self.embed.weight if self.cfg.tie_embeddings else None)
-        return out
+        return output_logits(self.head, h, self.embed.weight if self.cfg.tie_embeddings else None)
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, select=None,
-                loss_mask: torch.Tensor | None = None):
-        """Vocab-parallel logits without labels; per-token cross-entropy [b, s] with labels.
+                loss_mask: torch.Tensor | None = None, depth: int = 0) -> Output:
+        """`Output.logits` without labels; `Output.per_token` (cross-entropy [b, s]) with labels.
 
-        With `select` (an `sgt.Selection`) returns (per-token losses [b, s], bool mask [b, s]): the
-        head and the cross-entropy run only on the selected positions, whose hidden states are
-        gathered first; unselected positions hold 0 (unless `select.full_loss`, then all are computed).
-        With `loss_mask` (the training objective) the terms beyond the next-token loss are left in
-        `self.aux_terms` (see `collect_aux`).
+        With `select` (an `sgt.Selection`) the head and the cross-entropy run only on the selected
+        positions, whose hidden states are gathered first; unselected positions hold 0 (unless
+        `select.full_loss`, then all are computed) and `Output.mask` says which. `depth` exits early.
+        With `loss_mask` (the training objective) `Output.aux` holds the terms beyond the next-token
+        loss (MTP, router losses) and, in training with `recurrent.exit_loss_weights`, each exit's
+        per-token loss (same positions as the final one) is added with its weight.
         """
-        h = self.hidden_states(tokens)
-        out = self.readout(h, labels, select)
-        self.collect_aux(h, labels, loss_mask)
-        return out
-
-    def collect_aux(self, h: torch.Tensor, labels: torch.Tensor | None, loss_mask: torch.Tensor | None) -> None:
-        """`self.aux_terms` = {name: (weight, scalar loss with gradient)} for the trainer to add to the
-        objective and log: here multi-token prediction; routed models add their router losses. Left on
-        the module, as DeepSpeed's MoE leaves `l_aux`, so evaluation calls keep returning bare losses."""
-        self.aux_terms = {}
-        if loss_mask is not None and labels is not None and self.mtp is not None:
-            self.aux_terms["mtp_loss"] = (self.mtp_weight, self.mtp(self, h, labels, loss_mask))
+        training_objective = loss_mask is not None and labels is not None and not depth
+        exits = self.exit_weights if labels is not None and self.training and not depth else {}
+        x = self.embed(tokens)
+        ctx = self.context(x)
+        taps = {d: None for d in exits} if exits else None
+        h = self.final_norm(self.unroll(x, ctx, 0, depth or None, taps))
+        per_token, mask = self.readout(h, labels, select)
+        if labels is None:
+            return Output(logits=per_token)
+        for d, w in exits.items():
+            per_token = per_token + float(w) * self.readout(self.final_norm(taps[d]), labels, select, mask)[0]
+        aux = {}
+        if training_objective:
+            if self.mtp is not None:
+                aux["mtp_loss"] = (self.mtp_weight, self.mtp(h, labels, loss_mask, self.embed, self.token_losses, ctx))
+            aux.update(summed_aux(ctx.aux, self.aux_weights))
+        return Output(per_token=per_token, mask=mask if select is not None else None, aux=aux)
 
     def readout(self, h: torch.Tensor, labels: torch.Tensor | None, select=None, mask: torch.Tensor | None = None):
-        """Logits or losses from final hidden states (see `forward`); `mask` reuses an earlier selection."""
+        """(logits, None) without labels, else (per-token losses, selection mask or None) from final hidden
+        states (see `forward`); `mask` reuses an earlier selection."""
         if labels is None:
-            return self.logits(h)
+            return self.logits(h), None
         if select is None or select.full_loss:
             losses = self.token_losses(h, labels)
-            return losses if select is None else (losses, mask if mask is not None else select(losses.detach))
+            return losses, (None if select is None else mask if mask is not None else select(losses.detach))
         if mask is None:
             mask = select(lambda: self.scoring_losses(h.detach(), labels))
         picked = self.token_losses(h[mask].unsqueeze(0), labels[mask].unsqueeze(0))[0]
         return torch.zeros(labels.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked), mask
 
     def token_losses(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        # fp32 softmax whatever the compute dtype: bf16 cross-entropy loses the small differences.
-        return vocab_parallel_cross_entropy(self.logits(h).float(), labels)
+        return token_losses(self.logits(h), labels)
 
     @torch.no_grad()
     def scoring_losses(self, h: torch.Tensor, labels: torch.Tensor, chunk_positions: int = 8192) -> torch.Tensor:
@@ -138,36 +186,3 @@ def flops_per_token(cfg: ModelConfig, seq_length: int, experts_per_token: int = 
     matmul = n["layers"] + (experts_per_token - 1) * cfg.num_layers * 3 * h * cfg.ffn_size + cfg.vocab_size * h
     matmul += mtp_depth * (n["per_layer"] + 2 * h * h + cfg.vocab_size * h)
     return 6.0 * matmul + 12.0 * (cfg.num_layers + mtp_depth) * h * seq_length
-
-
-def main(argv=None) -> None:
-    """`python -m cherry_megatron.model.gpt PRESET_OR_YAML [--set k=v ...]`: the parameter count, analytic
-    and counted on a meta-device model (shapes only, so the 1B preset costs no memory)."""
-    import argparse
-    import json
-
-    from cherry_megatron import distributed
-    from cherry_megatron.config import ParallelConfig, load_config
-    from cherry_megatron.errors import cli_errors
-
-    p = argparse.ArgumentParser(description="parameter count of a preset")
-    p.add_argument("config")
-    p.add_argument("--set", dest="overrides", nargs="+", default=[])
-    args = p.parse_args(argv)
-    with cli_errors():
-        from cherry_megatron.model import build_model, parameter_count
-
-        cfg = load_config(args.config, args.overrides)
-        if cfg.model.vocab_size == 0:  # the trainer takes it from the tokenizer; count the preset's default
-            cfg.model.vocab_size = pad_vocab(8192, cfg.model.make_vocab_size_divisible_by, 1)
-        distributed.init(ParallelConfig())
-        try:
-            with torch.device("meta"):
-                counted = sum(t.numel() for t in build_model(cfg).parameters())
-        finally:
-            distributed.shutdown()
-        print(json.dumps({**parameter_count(cfg), "counted": counted, "vocab_size": cfg.model.vocab_size}))
-
-
-if __name__ == "__main__":
-    main()

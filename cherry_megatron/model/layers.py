@@ -1,18 +1,19 @@
 """Transformer building blocks on megatron-core's tensor-parallel linear layers.
 
-Megatron-core's own attention, RoPE and GPTModel call torch.cuda unconditionally (DESIGN.md), so the
+Megatron-core's own attention, RoPE and GPTModel call torch.cuda unconditionally (docs/DESIGN.md), so the
 blocks are ours; all matrix work that is split over tensor-parallel ranks goes through
 `ColumnParallelLinear` / `RowParallelLinear`, which own the TP communication.
 
 Weights are initialised on the CPU from one full-size master tensor and then split
 (`use_cpu_initialization`), so a model built at TP=2 holds exactly the slices of the TP=1 model built
 from the same seed. Fused projections (k|v, gate|up) use megatron's `stride=2` so each rank holds
-its own k and v (gate and up) slices.
+its own k and v (gate and up) slices; megatron's attributes on each weight say how it is split
+(model/tp_layout.py reads them).
 """
 from __future__ import annotations
 
-import fnmatch
 import math
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,12 @@ from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLine
 from torch import nn
 
 from cherry_megatron.config import ModelConfig
+
+
+def parallel_config(tp: int, params_dtype: torch.dtype = torch.float32) -> ModelParallelConfig:
+    # CPU initialisation on every device keeps the weights independent of the TP degree (see above).
+    return ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True,
+                               params_dtype=params_dtype, perform_initialization=True)
 
 
 def normal_init(std: float):
@@ -116,73 +123,82 @@ class SwiGLU(nn.Module):
         return row(self.down, F.silu(gate) * up, lora.get("down"))
 
 
+class LayerContext:
+    """What the layer units of one forward pass share: RoPE's cos/sin for the sequence, and the auxiliary
+    terms routed layers produce (`add_aux`). A pipeline stage's context attaches those terms to the
+    gradient instead (model/pipeline.py). Generation will hand each unit a KV cache beside it."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
+        self.cos, self.sin = cos, sin
+        self.aux: dict[str, list] = {}
+
+    def add_aux(self, out: torch.Tensor, name: str, term: torch.Tensor) -> torch.Tensor:
+        """Record `term` (a scalar with gradient) under `name`; returns `out`, the stream it came with."""
+        self.aux.setdefault(name, []).append(term)
+        return out
+
+
+class PositionParams(NamedTuple):
+    """What one position of a recurrent model adds to its shared block (model/recurrent.py)."""
+    embed: torch.Tensor | None  # iteration embedding added to the residual stream
+    norms: tuple | None  # (attention norm weight, MLP norm weight) in place of the block's
+    lora: dict | None  # {projection: (A, B)} low-rank deltas
+    expert_position: int  # which of a routed block's runs this is: the row of its experts' LoRA stacks
+
+
+def position_params(holder: nn.Module, row: int, rcfg, projections, expert_position: int) -> PositionParams:
+    """Row `row` of the per-position stacks `holder` registers (`iter_embed`, `iter_norms`, `lora_<p>_A/B`):
+    the recurrent model itself, or a pipeline stage holding the rows of one block's positions."""
+    embed = holder.iter_embed[row] if rcfg.iteration_embedding else None
+    norms = (holder.iter_norms[row, 0], holder.iter_norms[row, 1]) if rcfg.iteration_norms else None
+    lora = {p: (getattr(holder, f"lora_{p}_A")[row], getattr(holder, f"lora_{p}_B")[row]) for p in projections} \
+        if rcfg.lora_rank else None
+    return PositionParams(embed, norms, lora, expert_position)
+
+
 class Block(nn.Module):
     """Pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(x))."""
 
     def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, mlp: nn.Module | None = None):
-        """`mlp` replaces the SwiGLU (a routed mixture of experts in model/moee.py)."""
+        """`mlp` replaces the SwiGLU (a routed mixture of experts in model/moee.py: it has `route`)."""
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=mp.params_dtype)
         self.attn = Attention(cfg, mp)
         self.mlp_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=mp.params_dtype)
         self.mlp = mlp if mlp is not None else SwiGLU(cfg, mp)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norms=None, lora=None,
-                mlp=None) -> torch.Tensor:
-        """`norms` (attn_weight, mlp_weight) and `lora` ({proj: (A, B)}) override or add to the block's own
-        weights for one iteration of a recurrent model; `mlp` (a function of the normed stream) replaces
-        the call of the block's MLP."""
-        if norms is None:
+    def forward(self, x: torch.Tensor, ctx: LayerContext, pos: PositionParams | None = None,
+                cache=None) -> torch.Tensor:
+        """`pos` adds to or overrides the block's own weights for one position of a recurrent model.
+        `cache` is the place of a KV cache for generation (not built yet: must be None)."""
+        assert cache is None, "KV caches are not implemented yet"
+        lora = pos.lora if pos is not None else None
+        if pos is not None and pos.embed is not None:
+            x = x + pos.embed
+        if pos is None or pos.norms is None:
             a = self.attn_norm(x)
         else:
-            a = F.rms_norm(x, x.shape[-1:], norms[0], self.attn_norm.eps)
-        x = x + self.attn(a, cos, sin, lora)
-        m = self.mlp_norm(x) if norms is None else F.rms_norm(x, x.shape[-1:], norms[1], self.mlp_norm.eps)
-        return x + (self.mlp(m, lora) if mlp is None else mlp(m))
+            a = F.rms_norm(x, x.shape[-1:], pos.norms[0], self.attn_norm.eps)
+        x = x + self.attn(a, ctx.cos, ctx.sin, lora)
+        if pos is None or pos.norms is None:
+            m = self.mlp_norm(x)
+        else:
+            m = F.rms_norm(x, x.shape[-1:], pos.norms[1], self.mlp_norm.eps)
+        if not hasattr(self.mlp, "route"):
+            return x + self.mlp(m, lora)
+        out, l_aux, z = self.mlp.route(m, pos.expert_position if pos is not None else 0)
+        return x + ctx.add_aux(ctx.add_aux(out, "load_balance_loss", l_aux), "router_z_loss", z)
 
 
-# How each tensor-parallel weight is split: (dim, stride). Everything else is replicated.
-# Kept beside the layers so that checkpoint consolidation and the layers cannot drift apart.
-TP_LAYOUT = {
-    "embed.weight": (0, 1),
-    "head.weight": (0, 1),
-    "attn.q.weight": (0, 1),
-    "attn.kv.weight": (0, 2),
-    "attn.o.weight": (1, 1),
-    "mlp.gate_up.weight": (0, 2),
-    "mlp.down.weight": (1, 1),
-    # per-position LoRA of recurrent.py, stacked [positions, ...]: B of column layers, A of row layers
-    "lora_q_B": (1, 1),
-    "lora_kv_B": (1, 2),
-    "lora_gate_up_B": (1, 2),
-    "lora_o_A": (2, 1),
-    "lora_down_A": (2, 1),
-    # routed experts (moee.py): the SwiGLU's own layout, and per-position LoRA stacks named after their projection
-    "deepspeed_experts.*.gate_up.weight": (0, 2),
-    "deepspeed_experts.*.down.weight": (1, 1),
-    "gate_up_lora_B": (1, 2),
-    "down_lora_A": (2, 1),
-}
+class LayerUnit(NamedTuple):
+    """One step of a model's depth: position `index` runs block `block` (shared by several units in a
+    recurrent model); `call(x, ctx, cache=None)` maps the residual stream."""
+    index: int
+    block: int
+    call: Callable
 
 
-def tp_slice(t: torch.Tensor, dim: int, stride: int, tp: int, rank: int) -> torch.Tensor:
-    """Rank `rank`'s slice of a full tensor split over `tp` ranks along `dim`; a strided weight holds
-    `stride` interleaved blocks per rank (e.g. [k_r; v_r])."""
-    if tp == 1:
-        return t
-    blocks = torch.chunk(t, stride, dim=dim)
-    return torch.cat([torch.chunk(b, tp, dim=dim)[rank] for b in blocks], dim=dim).clone()
-
-
-def tp_merge(slices: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
-    """The full tensor from its TP slices (rank order): the inverse of `tp_slice`."""
-    blocks = [torch.chunk(s, stride, dim=dim) for s in slices]
-    return torch.cat([b[i] for i in range(stride) for b in blocks], dim=dim)
-
-
-def tp_layout(name: str):
-    """The (dim, stride) of a parameter name by its suffix in TP_LAYOUT (`*` as in fnmatch: any characters)."""
-    for suffix, layout in TP_LAYOUT.items():
-        if name == suffix or fnmatch.fnmatchcase(name, "*." + suffix) or fnmatch.fnmatchcase(name, suffix):
-            return layout
-    return None
+def output_logits(head: nn.Module, h: torch.Tensor, tied_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Vocab-parallel logits (each TP rank holds its slice of the vocabulary); `tied_weight` is the
+    embedding's when the output layer shares it."""
+    return head(h, weight=tied_weight)[0]

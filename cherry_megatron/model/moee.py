@@ -17,19 +17,22 @@ router z-loss (ST-MoE), summed over routed layer calls, weighted by `moee.load_b
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from deepspeed.moe.layer import MoE
-from deepspeed.moe.sharded_moe import TopKGate
 from megatron.core import parallel_state
 from torch import nn
 
+from cherry_megatron import compat
 from cherry_megatron.config import ModelConfig, MoEEConfig, RecurrentConfig
-from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
-
-from cherry_megatron.model.layers import SwiGLU, normal_init, tp_layout, tp_slice
+from cherry_megatron.distributed import MegatronMPU
+from cherry_megatron.losses import aux_weights
+from cherry_megatron.model.tp_layout import lora_layouts, mark, tp_slice
+from cherry_megatron.model.layers import SwiGLU, normal_init, parallel_config
 from cherry_megatron.model.recurrent import RecurrentGPT, count_recurrent_parameters
 
 EXPERTS = "mlp.deepspeed_moe.experts.deepspeed_experts"
@@ -38,24 +41,21 @@ MLP_PROJECTIONS = ("gate_up", "down")
 
 class ExpertMLP(SwiGLU):
     """One expert: the dense model's SwiGLU (tensor-parallel like it) plus a LoRA delta per position of
-    its block. DeepSpeed calls an expert with its routed tokens only, so the block sets the position
-    being run on the expert (`position`) before the call."""
+    its block. DeepSpeed calls an expert with its routed tokens only, so `RoutedMLP.at_position` sets the
+    position being run (`position`) around the call."""
 
     def __init__(self, cfg: ModelConfig, mp, positions: int, lora_rank: int):
         super().__init__(cfg, mp)
         self.args = (cfg, mp, positions, lora_rank)
         tp = mp.tensor_model_parallel_size
         for name, (fan_in, fan_out) in expert_lora_shapes(cfg).items() if lora_rank else ():
+            layouts = dict(zip("AB", lora_layouts(self.get_parameter(f"{name}.weight"))))
             for part, shape in (("A", (positions, lora_rank, fan_in)), ("B", (positions, fan_out, lora_rank))):
-                key = f"{name}_lora_{part}"
-                layout = tp_layout(key)
-                t = torch.zeros(shape, dtype=mp.params_dtype)
-                param = nn.Parameter(tp_slice(t, *layout, tp, 0) if layout else t)
-                if layout:
-                    set_tensor_model_parallel_attributes(param, True, layout[0], layout[1])
-                self.register_parameter(key, param)
+                t, layout = torch.zeros(shape, dtype=mp.params_dtype), layouts[part]
+                t = tp_slice(t, *layout, tp, 0) if layout else t
+                self.register_parameter(f"{name}_lora_{part}", mark(nn.Parameter(t), layout))
         self.lora_rank = lora_rank
-        self.position = 0
+        self.position = None
         self.register_state_dict_post_hook(_empty_extra_state)
 
     def __deepcopy__(self, memo):
@@ -64,6 +64,8 @@ class ExpertMLP(SwiGLU):
         return ExpertMLP(*self.args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.position is None and self.lora_rank:
+            raise RuntimeError("ExpertMLP called outside RoutedMLP.at_position: which position's LoRA is unknown")
         lora = {name: (getattr(self, f"{name}_lora_A")[self.position], getattr(self, f"{name}_lora_B")[self.position])
                 for name in MLP_PROJECTIONS} if self.lora_rank else None
         # DeepSpeed hands [ep, 1, capacity, hidden]; megatron's linear layers take 3-D input.
@@ -82,46 +84,6 @@ def expert_lora_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     return {"gate_up": (h, 2 * f), "down": (f, h)}
 
 
-def _gather_tokens_gloo(input_: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """deepspeed.moe.mappings._gather_tokens (TP > 1 only) all-gathers into a flat buffer, which nccl
-    takes and gloo rejects ("invalid tensor size"): gloo wants the output shaped [world * d0, ...]. Same
-    memory layout, so the same result; installed for gloo only, nccl runs DeepSpeed's own."""
-    import deepspeed
-    from deepspeed.utils.bwc import bwc_tensor_model_parallel_group, bwc_tensor_model_parallel_world_size
-
-    mpu = deepspeed.utils.groups.mpu
-    world = bwc_tensor_model_parallel_world_size(mpu)
-    if world == 1:
-        return input_
-    input_ = input_.contiguous()
-    buffer = torch.empty((world * input_.shape[0], *input_.shape[1:]), dtype=input_.dtype, device=input_.device)
-    deepspeed.comm.all_gather_into_tensor(buffer, input_, group=bwc_tensor_model_parallel_group(mpu))
-    return torch.cat(buffer.chunk(world, dim=0), dim=dim).contiguous() if dim else buffer
-
-
-class _TPPaddedGate(TopKGate):
-    """DeepSpeed's gate, with the expert capacity rounded up to a multiple of TP. With tensor-parallel
-    experts DeepSpeed splits the capacity slots over TP ranks around its all-to-all but pads the
-    capacity to TP only for non-TP experts (deepspeed/moe/sharded_moe.py), so an odd capacity fails.
-    Extra slots stay empty: they change no output."""
-
-    def forward(self, input, used_token=None, sparse_routes=False, use_tutel=False):
-        out = super().forward(input, used_token, sparse_routes, use_tutel)
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        if not sparse_routes or tp == 1:
-            return out
-        l_aux, capacity, *rest = out
-        return (l_aux, -(-int(capacity) // tp) * tp, *rest)
-
-
-def _use_gloo_gather() -> None:
-    import torch.distributed as dist
-    from deepspeed.moe import mappings
-
-    if dist.is_initialized() and dist.get_backend() == "gloo":
-        mappings._gather_tokens = _gather_tokens_gloo
-
-
 class RoutedMLP(MoE):
     """DeepSpeed's MoE layer over `ExpertMLP`s, initialised the same at every ep_size and TP, plus the z-loss.
 
@@ -130,8 +92,6 @@ class RoutedMLP(MoE):
     experts, and expert-data-parallel groups stay within one TP rank."""
 
     def __init__(self, cfg: ModelConfig, ecfg: MoEEConfig, positions: int, lora_rank: int, dtype: torch.dtype):
-        from cherry_megatron.model.gpt import parallel_config
-
         tp = parallel_state.get_tensor_model_parallel_world_size()
         cf = ecfg.capacity_factor
         # Construction draws from the RNG as many times as there are local experts (DeepSpeed copies the
@@ -143,15 +103,11 @@ class RoutedMLP(MoE):
                              noisy_gate_policy="Jitter" if ecfg.router_jitter else None, drop_tokens=cf > 0,
                              use_rts=False, enable_expert_tensor_parallelism=tp > 1, top2_2nd_expert_sampling=False)
             if tp > 1:
-                old = self.deepspeed_moe.gate
-                self.deepspeed_moe.gate = _TPPaddedGate(
-                    cfg.hidden_size, ecfg.num_experts, ecfg.top_k, old.capacity_factor, old.eval_capacity_factor,
-                    old.min_capacity, old.noisy_gate_policy, old.drop_tokens, old.use_rts, None,
-                    old.top2_2nd_expert_sampling)
+                compat.pad_capacity_to_tp(self.deepspeed_moe.gate)
         # The expert groups exist from here on (not only after deepspeed.initialize), so this rank knows
         # which global experts it holds; weights are drawn for all E in order, so any ep_size gets the same.
         self.set_deepspeed_parallelism()
-        _use_gloo_gather()
+        compat.use_gloo_token_gather()
         first = self.ep_rank() * self.num_local_experts
         rank = parallel_state.get_tensor_model_parallel_rank()
         std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.num_layers)
@@ -170,34 +126,38 @@ class RoutedMLP(MoE):
                             t = tp_slice(t, p.partition_dim, p.partition_stride, tp, rank)
                         p.copy_(t)
 
+    @contextlib.contextmanager
+    def at_position(self, position: int):
+        """The experts' LoRA row for the calls inside this block: DeepSpeed calls an expert with its routed
+        tokens alone (deepspeed.moe.experts.Experts.forward takes no other argument), so the position
+        cannot travel with the call. Unset outside it, so a call that forgot it fails loudly."""
+        for expert in self.experts():
+            expert.position = position
+        try:
+            yield
+        finally:
+            for expert in self.experts():
+                expert.position = None
+
     def experts(self) -> nn.ModuleList:
         return self.deepspeed_moe.experts.deepspeed_experts
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         # Idempotent: the engine calls it again at deepspeed.initialize, and DeepSpeed asserts on a second call.
-        import torch.distributed as dist
-        from deepspeed.utils import groups
-
-        from cherry_megatron.distributed import MegatronMPU
-
         if self.deepspeed_moe.ep_group is None and dist.is_initialized():
-            if groups.mpu is None and (self.enable_expert_tensor_parallelism or
-                                       parallel_state.get_pipeline_model_parallel_world_size() > 1):
-                # What deepspeed.initialize(mpu=...) sets (a pipeline engine gets none); the expert groups
-                # need it now: TP ones to exclude the TP ranks, and with PP to stay inside one stage.
-                groups.mpu = MegatronMPU()
+            if compat.deepspeed_mpu() is None and (self.enable_expert_tensor_parallelism or
+                                                   parallel_state.get_pipeline_model_parallel_world_size() > 1):
+                # The expert groups need it now: TP ones to exclude the TP ranks, and with PP to stay in one stage.
+                compat.set_deepspeed_mpu(MegatronMPU())
             super().set_deepspeed_parallelism(use_data_before_expert_parallel_)
 
     def ep_rank(self) -> int:
-        from deepspeed.utils import groups
-
-        return groups._get_expert_parallel_rank(self.expert_group_name) if self.deepspeed_moe.ep_group else 0
+        return compat.expert_parallel_rank(self.expert_group_name) if self.deepspeed_moe.ep_group else 0
 
     def route(self, x: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(output, load-balancing loss, z-loss) for the normed stream x at the block's `position`."""
-        for expert in self.experts():
-            expert.position = position
-        out, l_aux, _ = self(x)
+        with self.at_position(position):
+            out, l_aux, _ = self(x)
         # DeepSpeed keeps the router logits to itself; recomputing them costs tokens x hidden x E.
         logits = F.linear(x.reshape(-1, x.shape[-1]).float(), self.deepspeed_moe.gate.wg.weight.float())
         return out, l_aux, torch.logsumexp(logits, dim=-1).square().mean()
@@ -205,37 +165,19 @@ class RoutedMLP(MoE):
 
 class MoEEGPT(RecurrentGPT):
     """A recurrent model (or a dense one: each block run once, no per-position parameters) whose blocks'
-    MLPs are `RoutedMLP`s."""
+    MLPs are `RoutedMLP`s; their router losses come back in `Output.aux` (layers.Block hands them to
+    the pass's context)."""
+    lora_projections = ("q", "kv", "o")
 
-    def __init__(self, cfg: ModelConfig, rcfg: RecurrentConfig, ecfg: MoEEConfig, params_dtype=torch.float32):
+    def __init__(self, cfg: ModelConfig, rcfg: RecurrentConfig, ecfg: MoEEConfig, params_dtype=torch.float32,
+                 **options):
         rcfg = rcfg if rcfg.num_blocks else dense_as_recurrent(cfg)
         schedule = rcfg.resolved_schedule(cfg.num_layers)
         runs = [schedule.count(b) for b in range(rcfg.num_blocks)]
         super().__init__(cfg, rcfg, params_dtype,
-                         mlp_factory=lambda b: RoutedMLP(cfg, ecfg, runs[b], rcfg.lora_rank, params_dtype),
-                         lora_projections=("q", "kv", "o"))
-        # Position i is its block's local_position[i]-th run: the index into the experts' LoRA stacks.
-        self.local_position = [schedule[:i].count(b) for i, b in enumerate(schedule)]
+                         mlp_factory=lambda b: RoutedMLP(cfg, ecfg, runs[b], rcfg.lora_rank, params_dtype), **options)
         self.ecfg = ecfg
-        self.routing: list = []
-
-    def mlp_call(self, i: int):
-        def call(m: torch.Tensor) -> torch.Tensor:
-            out, l_aux, z = self.layers[self.schedule[i]].mlp.route(m, self.local_position[i])
-            self.routing.append((l_aux, z))
-            return out
-        return call
-
-    def unroll(self, x, start, end, taps=None):
-        self.routing = []
-        return super().unroll(x, start, end, taps)
-
-    def collect_aux(self, h, labels, loss_mask) -> None:
-        super().collect_aux(h, labels, loss_mask)
-        if loss_mask is not None and self.routing:
-            self.aux_terms["load_balance_loss"] = (self.ecfg.load_balance_weight,
-                                                   torch.stack([r[0] for r in self.routing]).sum())
-            self.aux_terms["router_z_loss"] = (self.ecfg.z_loss_weight, torch.stack([r[1] for r in self.routing]).sum())
+        self.aux_weights = aux_weights(ecfg)
 
     def localize_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A full state dict (experts 0..E-1 under global ids) -> this rank's experts under local ids."""

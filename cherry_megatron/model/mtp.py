@@ -7,7 +7,7 @@ one transformer block (causal, so position j sees tokens up to j+k) and reads ou
 model's output layer; its target is token j+k+1 = labels[j+k]. The loss is the mean over depths of each
 depth's masked mean, weighted by `moee.mtp_weight` in the objective; evaluation never computes it.
 
-megatron-core has an MTP block, but it is built on its TransformerLayer, which needs CUDA (DESIGN.md).
+megatron-core has an MTP block, but it is built on its TransformerLayer, which needs CUDA (docs/DESIGN.md).
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from megatron.core import parallel_state
 from torch import nn
 
 from cherry_megatron.config import ModelConfig
-from cherry_megatron.model.layers import Block, normal_init
+from cherry_megatron.losses import masked_mean
+from cherry_megatron.model.layers import Block, LayerContext, normal_init, parallel_config
 
 
 def mtp_targets(labels: torch.Tensor, loss_mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,26 +57,23 @@ class MTPModule(nn.Module):
         self.block = Block(cfg, mp)
         self.norm = nn.RMSNorm(h, eps=cfg.norm_eps, dtype=dtype)
 
-    def forward(self, h: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return self.block(self.proj(torch.cat([self.hnorm(h), self.enorm(emb)], dim=-1)), cos, sin)
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        return self.block(self.proj(torch.cat([self.hnorm(h), self.enorm(emb)], dim=-1)), ctx)
 
 
 class MTP(nn.Module):
     def __init__(self, cfg: ModelConfig, depth: int, params_dtype: torch.dtype = torch.float32):
         super().__init__()
-        from cherry_megatron.model.gpt import parallel_config
-
         mp = parallel_config(parallel_state.get_tensor_model_parallel_world_size(), params_dtype)
         self.depths = nn.ModuleList(MTPModule(cfg, mp) for _ in range(depth))
 
-    def forward(self, model, h: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-        """Mean over depths of the masked-mean cross-entropy; `model` lends its embedding and output layer."""
-        from cherry_megatron.sgt import masked_mean
-
-        cos, sin = model.rope(labels.shape[1], h.device, h.dtype)
+    def forward(self, h: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, embed: nn.Module,
+                token_losses, ctx: LayerContext) -> torch.Tensor:
+        """Mean over depths of the masked-mean cross-entropy. The main model lends its embedding, its
+        output layer's per-token losses `token_losses(h, labels)` and the pass's RoPE (`ctx`)."""
         losses = []
         for k, module in enumerate(self.depths, start=1):
-            h = module(h, model.embed(next_inputs(labels, k)), cos, sin)
+            h = module(h, embed(next_inputs(labels, k)), ctx)
             target, mask = mtp_targets(labels, loss_mask, k)
-            losses.append(masked_mean(model.token_losses(module.norm(h), target), mask))
+            losses.append(masked_mean(token_losses(module.norm(h), target), mask))
         return torch.stack(losses).mean()

@@ -7,7 +7,7 @@ PP runs comparable with PP=1 runs. The cost is the whole model in host memory on
 What cannot run in a pipeline yet is refused by `config.validate`.
 The topology is `distributed.topology`, the same rank order as megatron's parallel_state (checked at
 start). Tied embeddings are a `TiedLayerSpec` on the first and last stage; a recurrent model's positions are
-unrolled over the stages, each shared block a `TiedLayerSpec` (`RecurrentBlockStage`); a routed (MoEE)
+unrolled over the stages, each shared block a `TiedLayerSpec` (`BlockStage`); a routed (MoEE)
 model's blocks route their MLPs. Auxiliary losses (router losses on any stage, MTP on the last) enter the
 gradient where they arise (`AuxLosses`), so the stages pass on hidden states only, plus the labels and loss
 mask when an MTP head needs them. Early-exit losses and SGT do not run in a pipeline yet.
@@ -17,8 +17,13 @@ from __future__ import annotations
 import functools
 
 import torch
-from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+from deepspeed.pipe import PipelineModule, TiedLayerSpec
 from torch import nn
+
+from cherry_megatron import compat
+from cherry_megatron.losses import aux_weights, masked_mean, token_losses
+from cherry_megatron.model import build_model
+from cherry_megatron.model.layers import LayerContext, output_logits, position_params
 
 
 class AddAuxLoss(torch.autograd.Function):
@@ -58,6 +63,18 @@ class AuxLosses:
         return out
 
 
+class StageContext(LayerContext):
+    """A stage's layer context: the auxiliary terms its routed layers produce join the gradient right
+    there (`AuxLosses.attach`), since they cannot travel to the last stage's loss."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, aux: AuxLosses | None):
+        super().__init__(cos, sin)
+        self.losses = aux
+
+    def add_aux(self, out: torch.Tensor, name: str, term: torch.Tensor) -> torch.Tensor:
+        return self.losses.attach(out, name, term)
+
+
 def carried(fn, x):
     """fn on the hidden states; the labels and loss mask an MTP head needs (if any) ride along unchanged."""
     return (fn(x[0]), *x[1:]) if isinstance(x, tuple) else fn(x)
@@ -73,60 +90,35 @@ class EmbedStage(nn.Module):
 
 
 class BlockStage(nn.Module):
-    def __init__(self, model, i: int):
-        super().__init__()
-        self.block = model.layers[i]
-        self.rope = model.rope  # no weights: each stage computes cos/sin for its blocks
-
-    def forward(self, x):
-        return carried(self.run, x)
-
-    def run(self, x: torch.Tensor) -> torch.Tensor:
-        cos, sin = self.rope(x.shape[1], x.device, x.dtype)
-        return self.block(x, cos, sin)
-
-
-class RecurrentBlockStage(nn.Module):
-    """Shared block b of a recurrent model with the per-position parameters (iteration embedding, norms,
-    LoRA) of every position that runs it: one `TiedLayerSpec` per block, so each stage holding some of
-    those positions holds a copy, and DeepSpeed sums the copies' gradients over the stages. A block that
-    runs once is a plain layer (a routed model built from a dense one). Routed MLPs attach their router
-    losses to their output."""
+    """Block b of the model with the per-position parameters (iteration embedding, norms, LoRA) of every
+    unit that runs it, as rows of the model's stacks (`layers.position_params` reads them here as in the
+    model). A block that several units run is one `TiedLayerSpec`, so each stage holding some of those
+    units holds a copy, and DeepSpeed sums the copies' gradients over the stages. A dense model's block
+    runs once and has no per-position parameters."""
 
     def __init__(self, model, b: int, aux: AuxLosses | None = None):
         super().__init__()
         self.block, self.rope, self.rcfg = model.layers[b], model.rope, model.rcfg
-        self.projections, self.aux = model.lora_projections, aux
-        positions = [i for i, blk in enumerate(model.schedule) if blk == b]
-        for name, src in model.named_parameters(recurse=False):
-            param = nn.Parameter(src.detach()[positions].clone())
+        self.projections, self.aux = getattr(model, "lora_projections", ()), aux
+        rows = [u.index for u in model.units() if u.block == b]
+        for name, src in model.named_parameters(recurse=False):  # the per-position stacks [positions, ...]
+            param = nn.Parameter(src.detach()[rows].clone())
             for attr in ("tensor_model_parallel", "partition_dim", "partition_stride"):
                 if hasattr(src, attr):
                     setattr(param, attr, getattr(src, attr))
             self.register_parameter(name, param)
 
     def forward(self, x):
-        return run_position(0, self, x)
+        return run_unit(0, self, x)
 
     def run(self, j: int, x: torch.Tensor) -> torch.Tensor:
-        """The block's j-th position (`RecurrentGPT.position` on this block's rows)."""
-        cos, sin = self.rope(x.shape[1], x.device, x.dtype)
-        if self.rcfg.iteration_embedding:
-            x = x + self.iter_embed[j]
-        norms = (self.iter_norms[j, 0], self.iter_norms[j, 1]) if self.rcfg.iteration_norms else None
-        lora = {p: (getattr(self, f"lora_{p}_A")[j], getattr(self, f"lora_{p}_B")[j]) for p in self.projections} \
-            if self.rcfg.lora_rank else None
-        return self.block(x, cos, sin, norms, lora, self.routed(j) if hasattr(self.block.mlp, "route") else None)
-
-    def routed(self, j: int):
-        """`MoEEGPT.mlp_call` for position j, its router losses attached to the MLP's output."""
-        def call(m: torch.Tensor) -> torch.Tensor:
-            out, l_aux, z = self.block.mlp.route(m, j)
-            return self.aux.attach(self.aux.attach(out, "load_balance_loss", l_aux), "router_z_loss", z)
-        return call
+        """The block's j-th unit (what the model's own unit computes, on this block's rows)."""
+        ctx = StageContext(*self.rope(x.shape[1], x.device, x.dtype), self.aux)
+        pos = position_params(self, j, self.rcfg, self.projections, j) if self.rcfg is not None else None
+        return self.block(x, ctx, pos)
 
 
-def run_position(j: int, stage: RecurrentBlockStage, x):
+def run_unit(j: int, stage: BlockStage, x):
     return carried(functools.partial(stage.run, j), x)
 
 
@@ -153,22 +145,20 @@ class MTPHeadStage(nn.Module):
         h, labels, loss_mask = x
         h = self.norm(h)
         if torch.is_grad_enabled():  # training; evaluation never computes MTP (as the unpipelined models)
+            ctx = LayerContext(*self.rope(labels.shape[1], h.device, h.dtype))
+            term = self.mtp(h, labels, loss_mask, self.embed, lambda hh, y: token_losses(self.logits(hh), y), ctx)
             # On h, not on the logits: the vocab-parallel cross-entropy overwrites its logits in place.
-            h = self.aux.attach(h, "mtp_loss", self.mtp(self, h, labels, loss_mask))
+            h = self.aux.attach(h, "mtp_loss", term)
         return self.logits(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.head(h, weight=self.embed.weight if self.tie else None)[0]
-
-    def token_losses(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """What `MTP.forward` reads out through (`GPT.token_losses`)."""
-        return vocab_parallel_cross_entropy(self.logits(h).float(), labels)
+        return output_logits(self.head, h, self.embed.weight if self.tie else None)
 
 
 def tied_head(head, stage: EmbedStage, x: torch.Tensor) -> torch.Tensor:
     """The output layer with the embedding's weight (`model.tie_embeddings`), on the last stage's copy of
     the tied embedding; DeepSpeed all-reduces the tied gradient over the stages that hold a copy."""
-    return head(x, weight=stage.embed.weight)[0]
+    return output_logits(head, x, stage.embed.weight)
 
 
 class HeadStage(nn.Module):
@@ -177,33 +167,21 @@ class HeadStage(nn.Module):
         self.norm, self.head = model.norm, model.head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(x))[0]
-
-
-def token_losses(logits: torch.Tensor, labels) -> tuple[torch.Tensor, torch.Tensor]:
-    targets, loss_mask = labels
-    return vocab_parallel_cross_entropy(logits.float(), targets), loss_mask.float()
+        return output_logits(self.head, self.norm(x))
 
 
 def train_loss(logits: torch.Tensor, labels) -> torch.Tensor:
-    """The micro-batch's masked mean, as the unpipelined trainer's objective (`sgt.masked_mean`)."""
-    from cherry_megatron.sgt import masked_mean
-
-    return masked_mean(*token_losses(logits, labels))
+    """The micro-batch's masked mean, as the unpipelined trainer's objective."""
+    targets, loss_mask = labels
+    return masked_mean(token_losses(logits, targets), loss_mask.float())
 
 
 def eval_sums(logits: torch.Tensor, labels) -> torch.Tensor:
     """[sum of losses, tokens]: DeepSpeed averages these over micro-batches and DP ranks, and the ratio of
     the averages is the mean over every evaluated token however the windows fell."""
-    losses, mask = token_losses(logits, labels)
+    targets, loss_mask = labels
+    losses, mask = token_losses(logits, targets), loss_mask.float()
     return torch.stack([(losses * mask).sum(), mask.sum()]).double()
-
-
-def aux_weights(cfg) -> dict[str, float]:
-    """The auxiliary terms a pipelined model of this config attaches, in a fixed order on every rank."""
-    e = cfg.moee
-    out = {"load_balance_loss": e.load_balance_weight, "router_z_loss": e.z_loss_weight} if e.num_experts else {}
-    return {**out, "mtp_loss": e.mtp_weight} if e.mtp_depth else out
 
 
 def pipe_batch(b: dict, cfg) -> tuple:
@@ -214,29 +192,27 @@ def pipe_batch(b: dict, cfg) -> tuple:
     return ((b["tokens"], b["labels"], (b["loss_mask"] > 0).long()) if cfg.moee.mtp_depth else b["tokens"]), labels
 
 
-PARTITIONS = {"layers": "type:BlockStage", "parameters": "parameters"}  # BlockStage matches RecurrentBlockStage
+PARTITIONS = {"layers": "type:BlockStage", "parameters": "parameters"}
 
 
 def build_pipeline(cfg, topology, model=None):
     """`model` (default: `build_model(cfg)`), whole on every rank, cut into this rank's stage layers."""
-    from deepspeed.pipe import PipelineModule, TiedLayerSpec
 
-    from cherry_megatron.model import build_model
 
     model = model if model is not None else build_model(cfg)
     t, dp = cfg.train, topology.get_dim("data")
-    aux = AuxLosses(aux_weights(cfg), t.global_batch_size // (t.micro_batch_size * dp))
-    if hasattr(model, "schedule"):  # recurrent or routed
-        blocks = []
-        for i, b in enumerate(model.schedule):
-            if model.schedule.count(b) == 1:
-                blocks.append(RecurrentBlockStage(model, b, aux))
-                continue
-            tied = [n for n, _ in RecurrentBlockStage(model, b).named_parameters()]
-            blocks.append(TiedLayerSpec(f"block{b}", RecurrentBlockStage, model, b, aux, tied_weight_attr=tied,
-                                        forward_fn=functools.partial(run_position, model.schedule[:i].count(b))))
-    else:
-        blocks = [BlockStage(model, i) for i in range(cfg.model.num_layers)]
+    aux = AuxLosses(aux_weights(cfg.moee), t.global_batch_size // (t.micro_batch_size * dp))
+    units = model.units()
+    runs = [sum(1 for u in units if u.block == unit.block) for unit in units]
+    blocks = []
+    for unit, n in zip(units, runs):
+        if n == 1:
+            blocks.append(BlockStage(model, unit.block, aux))
+            continue
+        row = sum(1 for u in units[:unit.index] if u.block == unit.block)
+        tied = [name for name, _ in BlockStage(model, unit.block).named_parameters()]
+        blocks.append(TiedLayerSpec(f"block{unit.block}", BlockStage, model, unit.block, aux, tied_weight_attr=tied,
+                                    forward_fn=functools.partial(run_unit, row)))
     embed = lambda **kw: TiedLayerSpec("embed", EmbedStage, model, tied_weight_attr="embed.weight", **kw)  # noqa: E731
     if cfg.moee.mtp_depth:
         layers = [embed(), *blocks, TiedLayerSpec("embed", MTPHeadStage, model, aux, tied_weight_attr="embed.weight")]
@@ -252,10 +228,7 @@ def build_pipeline(cfg, topology, model=None):
                           activation_checkpoint_func=functools.partial(torch.utils.checkpoint.checkpoint,
                                                                        use_reentrant=False))
     head = pipe.tied_modules["embed"] if "embed" in pipe.tied_modules else None
-    if isinstance(head, MTPHeadStage):
-        # DeepSpeed marks every parameter of a tied module's later copies as replicated, which leaves them
-        # out of the gradient norm; of this one only the embedding is tied, the rest lives here alone.
-        for name, p in head.named_parameters():
-            p.ds_pipe_replicated = p.ds_pipe_replicated and name == "embed.weight"
+    if isinstance(head, MTPHeadStage):  # of this tied module only the embedding is tied; the rest lives here alone
+        compat.count_in_grad_norm(p for name, p in head.named_parameters() if name != "embed.weight")
     pipe.aux_losses = aux
     return pipe

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
 from torch import nn
 
 from cherry_megatron.config import ModelConfig, RecurrentConfig
 from cherry_megatron.model.gpt import GPT, count_parameters
-from cherry_megatron.model.layers import tp_layout, tp_slice
+from cherry_megatron.model.tp_layout import lora_layouts, mark, tp_slice
+from cherry_megatron.model.layers import PositionParams, position_params
 
 PROJECTIONS = ("q", "kv", "o", "gate_up", "down")
+PROJ_WEIGHTS = {"q": "attn.q.weight", "kv": "attn.kv.weight", "o": "attn.o.weight",  # the weight each LoRA modifies
+                "gate_up": "mlp.gate_up.weight", "down": "mlp.down.weight"}
 
 
 def lora_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -29,13 +31,15 @@ def lora_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
 
 
 class RecurrentGPT(GPT):
+    lora_projections = PROJECTIONS  # the projections with a per-position LoRA (a routed model's MLPs have their own)
+
     def __init__(self, cfg: ModelConfig, rcfg: RecurrentConfig, params_dtype: torch.dtype = torch.float32,
-                 mlp_factory=None, lora_projections=PROJECTIONS):
-        super().__init__(cfg, params_dtype, num_blocks=rcfg.num_blocks, mlp_factory=mlp_factory)
-        self.lora_projections = lora_projections
-        self.rcfg = rcfg
-        self.schedule = rcfg.resolved_schedule(cfg.num_layers)
-        n = len(self.schedule)
+                 mlp_factory=None, **options):
+        """`options`: GPT's (mtp_depth, mtp_weight, checkpoint_every)."""
+        super().__init__(cfg, params_dtype, recurrent=rcfg, mlp_factory=mlp_factory, **options)
+
+    def build_position_parameters(self, params_dtype: torch.dtype) -> None:
+        cfg, rcfg, n = self.cfg, self.rcfg, len(self.schedule)
         tp = parallel_state.get_tensor_model_parallel_world_size()
         rank = parallel_state.get_tensor_model_parallel_rank()
         if rcfg.iteration_embedding:
@@ -43,63 +47,20 @@ class RecurrentGPT(GPT):
         if rcfg.iteration_norms:
             self.iter_norms = nn.Parameter(torch.ones(n, 2, cfg.hidden_size, dtype=params_dtype))
         r = rcfg.lora_rank
-        for name, (fan_in, fan_out) in [(k, v) for k, v in lora_shapes(cfg).items() if k in lora_projections] if r else ():
+        shapes = [(k, v) for k, v in lora_shapes(cfg).items() if k in self.lora_projections] if r else []
+        for name, (fan_in, fan_out) in shapes:
             # Full-size tensors from the seeded CPU generator, then this rank's slice: the same model at any TP.
             full = {"A": torch.randn(n, r, fan_in) * cfg.init_std, "B": torch.zeros(n, fan_out, r)}
+            layouts = dict(zip("AB", lora_layouts(self.layers[0].get_parameter(PROJ_WEIGHTS[name]))))
             for part, t in full.items():
-                key = f"lora_{name}_{part}"
-                layout = tp_layout(key)
-                p = nn.Parameter(tp_slice(t, *layout, tp, rank).to(params_dtype) if layout else t.to(params_dtype))
-                if layout:
-                    set_tensor_model_parallel_attributes(p, True, layout[0], layout[1])
-                self.register_parameter(key, p)
+                layout = layouts[part]
+                t = tp_slice(t, *layout, tp, rank) if layout else t
+                self.register_parameter(f"lora_{name}_{part}", mark(nn.Parameter(t.to(params_dtype)), layout))
+        # Position i is its block's local_position[i]-th run: the row of a routed block's expert LoRA stacks.
+        self.local_position = [self.schedule[:i].count(b) for i, b in enumerate(self.schedule)]
 
-    def position(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        if self.rcfg.iteration_embedding:
-            x = x + self.iter_embed[i]
-        norms = (self.iter_norms[i, 0], self.iter_norms[i, 1]) if self.rcfg.iteration_norms else None
-        lora = {p: (getattr(self, f"lora_{p}_A")[i], getattr(self, f"lora_{p}_B")[i]) for p in self.lora_projections} \
-            if self.rcfg.lora_rank else None
-        return self.layers[self.schedule[i]](x, cos, sin, norms, lora, self.mlp_call(i))
-
-    def mlp_call(self, i: int):
-        """What replaces the block's own MLP call at position i (None: the block's MLP with its LoRA)."""
-        return None
-
-    def hidden_states(self, tokens: torch.Tensor, depth: int = 0, taps: dict | None = None) -> torch.Tensor:
-        """Final-normed hidden states after `depth` positions (0: all); `taps[d]` collects the
-        un-normed residual stream after each depth d it names."""
-        x = self.embed(tokens)
-        return self.norm(self.unroll(x, 0, depth or len(self.schedule), taps))
-
-    def unroll(self, x: torch.Tensor, start: int, end: int, taps: dict | None = None) -> torch.Tensor:
-        """The residual stream after positions start..end-1 (early-exit decoding continues from a depth)."""
-        cos, sin = self.rope(x.shape[1], x.device, x.dtype)
-        for i in range(start, end):
-            x = self.run_layer(i, self.position, i, x, cos, sin)
-            if taps is not None and i + 1 in taps:
-                taps[i + 1] = x
-        return x
-
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, select=None,
-                loss_mask: torch.Tensor | None = None, depth: int = 0):
-        """As the dense model's; `depth` exits early. In training with `recurrent.exit_loss_weights`, each
-        exit's per-token loss (same positions as the final one) is added with its weight."""
-        weights = self.rcfg.exit_loss_weights
-        if labels is None or not self.training or not weights or depth:
-            h = self.hidden_states(tokens, depth)
-            out = self.readout(h, labels, select)
-            self.collect_aux(h, labels, loss_mask if not depth else None)
-            return out
-        taps = {d: None for d in self.rcfg.exit_depths}
-        h = self.hidden_states(tokens, 0, taps)
-        out = self.readout(h, labels, select)
-        self.collect_aux(h, labels, loss_mask)
-        per_token, mask = out if select is not None else (out, None)
-        for d, w in zip(self.rcfg.exit_depths, weights):
-            early = self.readout(self.norm(taps[d]), labels, select, mask=mask)
-            per_token = per_token + float(w) * (early[0] if select is not None else early)
-        return (per_token, mask) if select is not None else per_token
+    def position(self, i: int) -> PositionParams:
+        return position_params(self, i, self.rcfg, self.lora_projections, self.local_position[i])
 
 
 def count_recurrent_parameters(cfg: ModelConfig, rcfg: RecurrentConfig) -> dict:

@@ -1,0 +1,51 @@
+"""Everything checked before a run writes anything or joins a process group: the config at the job's world
+size, the tokenizer and the vocabulary it implies, the data files, the run dir (a different run's is
+refused) and a universal checkpoint to resume from. The trainer and `cherry-submit` run the same checks,
+so a job that would fail at start is refused at submission."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from megatron.core.datasets.utils import get_blend_from_list
+
+from cherry_megatron.checkpoint.run_dir import check_run_dir, checkpoint_dir, latest_tag
+from cherry_megatron.config import Config, load_config, validate
+from cherry_megatron.convert.universal import check_universal
+from cherry_megatron.data.indexed import open_indexed
+from cherry_megatron.data.tokenizer import load_tokenizer
+from cherry_megatron.errors import ConfigError
+from cherry_megatron.model.gpt import pad_vocab
+
+
+def resolve_vocab(cfg: Config, tokenizer_vocab: int) -> None:
+    m = cfg.model
+    if m.vocab_size == 0:
+        m.vocab_size = pad_vocab(tokenizer_vocab, m.make_vocab_size_divisible_by, cfg.parallel.tp)
+    elif tokenizer_vocab > m.vocab_size:
+        raise ConfigError(f"tokenizer vocabulary ({tokenizer_vocab}) is larger than model.vocab_size ({m.vocab_size})")
+    if m.vocab_size % cfg.parallel.tp:
+        raise ConfigError(f"parallel.tp={cfg.parallel.tp} does not divide model.vocab_size={m.vocab_size}")
+
+
+def check_data(cfg: Config) -> None:
+    """Every data file opens and is whole."""
+    if not cfg.data.paths:
+        raise ConfigError("data.paths is empty: give one or more .bin/.idx prefixes (optionally weighted)")
+    prefixes = get_blend_from_list([str(p) for p in cfg.data.paths])[0]
+    for prefix in prefixes + ([cfg.data.eval_path] if cfg.data.eval_path else []):
+        open_indexed(prefix)
+
+
+def preflight(config: str, overrides: list[str], run_dir: Path | None, world_size: int):
+    """(resolved config, tokenizer, run dir) of a run about to start at `world_size` processes in `run_dir`
+    (None: runs/<config name>)."""
+    cfg = load_config(config, overrides)
+    run_dir = Path(run_dir) if run_dir else Path(f"runs/{cfg.name}")
+    validate(cfg, world_size)
+    tokenizer = load_tokenizer(cfg.data.tokenizer_model)
+    resolve_vocab(cfg, tokenizer.vocab_size)
+    check_data(cfg)
+    check_run_dir(run_dir, cfg)
+    if cfg.train.universal_from and latest_tag(checkpoint_dir(run_dir)) is None:
+        check_universal(Path(cfg.train.universal_from), cfg)
+    return cfg, tokenizer, run_dir
