@@ -21,11 +21,8 @@ A flip here is one byte XOR 0xFF. What each format can detect, and so what is as
 """
 from __future__ import annotations
 
-import contextlib
-import gc
 import json
 import re
-import sys
 import textwrap
 
 import numpy as np
@@ -34,142 +31,13 @@ import torch
 
 from cherry_megatron.errors import DataError, cli_errors
 from conftest import ROOT, error_lines, run_cli
+# Fixtures are imported by name, which is how pytest finds them in a module; young_gc is autouse.
+from reader_fuzz import (LENGTHS, ODD, convert_main, cut, evaluate_main, fails, flip, indexed,  # noqa: F401
+                         small_cfg, torch_dir, train_argv, train_main, unraisable, variant, young_gc)
 
 pytestmark = pytest.mark.usefixtures("corpus")  # the tokenizer the trainer's checks load
 
-ODD = ("Traceback", "Exception ignored")
 
-
-@contextlib.contextmanager
-def unraisable():
-    """What `__del__` methods raise in this block, collected (pytest's own hook only warns)."""
-    seen = []
-    saved, sys.unraisablehook = sys.unraisablehook, seen.append
-    try:
-        yield seen
-    finally:
-        gc.collect()
-        sys.unraisablehook = saved
-
-
-@pytest.fixture(scope="module", autouse=True)
-def young_gc():
-    """A full gc.collect() over a heap holding torch, megatron and DeepSpeed takes ~0.5 s: each case collects only
-    what it allocated, older survivors being frozen out of the collector's reach (fails), until the end, when
-    they are thawed and collected under the same check."""
-    gc.collect()
-    gc.freeze()
-    yield
-    with unraisable() as raised:
-        gc.unfreeze()
-    assert not raised, [f"{type(u.exc_value).__name__}: {u.exc_value} in {u.object}" for u in raised]
-
-
-def fails(capfd, main, argv) -> str:
-    """`main(argv)` exits 2 with one `error:` line and no traceback, even once collected."""
-    with unraisable() as raised:
-        with pytest.raises(SystemExit) as exit_info:
-            main(argv)
-        code = exit_info.value.code
-        del exit_info  # holds the exception chain, and through its frames any half-built object
-    gc.freeze()
-    out, err = capfd.readouterr()
-    assert not raised, [f"{type(u.exc_value).__name__}: {u.exc_value} in {u.object}" for u in raised]
-    assert code == 2, (code, out, err)
-    assert not any(w in out + err for w in ODD), out + err
-    if main is not train_main:  # evaluate and convert keep stdout for their result (the trainer lets DeepSpeed's
-        assert out == "", out   # import-time warning through)
-    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
-    assert len(lines) == 1, err
-    return lines[0]
-
-
-def cut(data: bytes, at: int) -> bytes:
-    return data[:at]
-
-
-def flip(data: bytes, at: int) -> bytes:
-    b = bytearray(data)
-    b[at] ^= 0xFF
-    return bytes(b)
-
-
-def train_main(argv):
-    from cherry_megatron.train import main
-
-    main(argv)
-
-
-def evaluate_main(argv):
-    from cherry_megatron.evaluate import main
-
-    main(argv)
-
-
-def convert_main(argv):
-    from cherry_megatron.cli.convert import main
-
-    main(argv)
-
-
-def train_argv(run_dir, *sets) -> list[str]:
-    return ["--config", "tiny", "--run-dir", str(run_dir), "--set", "data.eval_path=", *sets]
-
-
-# --------------------------------------------------------------------------------------------------- fixtures
-LENGTHS = [7, 3, 12, 1, 9]
-
-
-@pytest.fixture(scope="module")
-def indexed(tmp_path_factory):
-    """A .bin/.idx pair as megatron writes it: 5 documents of uint16 ids in 1..199 (high byte 0)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    d = tmp_path_factory.mktemp("indexed")
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(1, 200, sum(LENGTHS))
-    builder = IndexedDatasetBuilder(str(d / "ok.bin"), dtype=np.uint16)
-    for doc in np.split(tokens, np.cumsum(LENGTHS)[:-1]):
-        builder.add_document(torch.from_numpy(doc), [len(doc)])
-    builder.finalize(str(d / "ok.idx"))
-    return d, tokens, (d / "ok.idx").read_bytes(), (d / "ok.bin").read_bytes()
-
-
-def variant(d, name: str, idx: bytes, bin_: bytes) -> str:
-    prefix = d / name  # a file per case: an earlier case's memory map never sees a later one's bytes
-    (d / f"{name}.idx").write_bytes(idx)
-    (d / f"{name}.bin").write_bytes(bin_)
-    return str(prefix)
-
-
-SMALL = ["model.vocab_size=1024", "model.num_layers=1", "model.hidden_size=32", "model.num_heads=2",
-         "model.num_kv_heads=1", "model.ffn_hidden_size=64"]
-
-
-@pytest.fixture(scope="module")
-def small_cfg() -> dict:
-    from cherry_megatron.config import load_config
-
-    return load_config("tiny", SMALL).to_dict()
-
-
-@pytest.fixture(scope="module")
-def torch_dir(tmp_path_factory, small_cfg, world_of_one):
-    """A torch-format checkpoint (model.safetensors + cherry_config.json) of a one-layer model evaluate can load
-    (it checks the token ids against the vocabulary once the model is built)."""
-    from cherry_megatron.checkpoint.consolidate import save_consolidated
-    from cherry_megatron.config import from_dict
-    from cherry_megatron.model import build_model
-
-    d = tmp_path_factory.mktemp("torchfmt") / "ck"
-    torch.manual_seed(0)
-    state = build_model(from_dict(small_cfg)).state_dict()
-    save_consolidated(d, {k: v for k, v in state.items() if torch.is_tensor(v) and not k.endswith("_extra_state")},
-                      small_cfg)
-    return d
-
-
-# ------------------------------------------------------------------------------------------------------ tests
 def test_the_check_sees_a_del_that_fails_at_collection(capfd):
     """fails() must catch what the original bug printed: an __init__ that raises before setting what __del__
     deletes (IndexedDataset and `self.index`), reported only when the object is collected."""
@@ -231,86 +99,6 @@ def test_bin_cuts_and_out_of_vocabulary_flips_in_evaluate(indexed, torch_dir, ca
         assert "beyond the model's vocabulary 1024" in line, line
     low = token_stream(variant(d, "lowflip", idx, flip(bin_, 4)))
     assert (low != tokens).sum() == 1 and low[2] == tokens[2] ^ 0xFF  # read as a valid token
-
-
-def test_safetensors_every_cut_and_every_header_flip_leaves_nothing(torch_dir, tmp_path, capfd):
-    """tools/convert_checkpoint.py (cherry-convert) from a torch-format dir: each cut of model.safetensors and each
-    flip of its length prefix or JSON header is an error, and neither the output nor OUTPUT.partial exists."""
-    import shutil
-
-    from cherry_megatron.convert.checkpoint import read_torch
-
-    ck = read_torch(torch_dir)
-    assert ck.step == 0 and torch.equal(ck.get("norm.weight"), torch.ones(32))
-    data = (torch_dir / "model.safetensors").read_bytes()
-    head = 8 + int.from_bytes(data[:8], "little")
-    out = tmp_path / "out"
-    cases = [("cut", i, cut(data, i)) for i in [*range(0, head, 3), head, head + 5, len(data) - 1]] + \
-            [("flip", i, flip(data, i)) for i in range(head)]
-    src = tmp_path / "src"
-    shutil.copytree(torch_dir, src)
-    for kind, at, blob in cases:
-        (src / "model.safetensors").write_bytes(blob)
-        line = fails(capfd, convert_main, ["--input", str(src), "--input-format", "torch", "--output", str(out),
-                                           "--output-format", "deepspeed"])
-        assert "truncated or not safetensors" in line, (kind, at, line)
-        assert not out.exists() and not out.with_name("out.partial").exists(), (kind, at)
-    (src / "model.safetensors").write_bytes(data)
-    config = (torch_dir / "cherry_config.json").read_bytes()
-    for at in (0, 1, len(config) // 2, len(config) - 1):
-        (src / "cherry_config.json").write_bytes(config[:at])
-        line = fails(capfd, convert_main, ["--input", str(src), "--input-format", "torch", "--output", str(out),
-                                           "--output-format", "torch"])
-        assert "cherry_config.json is not valid JSON" in line and not out.exists(), line
-
-
-def test_hf_dir_cut_safetensors_or_config(tmp_path, capfd):
-    from safetensors.torch import save_file
-
-    from cherry_megatron.convert.hf_import import read_hf
-
-    src, out = tmp_path / "hf", tmp_path / "out"
-    src.mkdir()
-    config = json.dumps({"model_type": "llama", "vocab_size": 16, "hidden_size": 4, "num_hidden_layers": 1,
-                         "num_attention_heads": 1, "intermediate_size": 8}).encode()
-    (src / "config.json").write_bytes(config)
-    save_file({"model.embed_tokens.weight": torch.randn(16, 4), "model.norm.weight": torch.ones(4)},
-              str(src / "model.safetensors"))
-    assert set(read_hf(src).specs) == {"embed.weight", "norm.weight"}
-    data = (src / "model.safetensors").read_bytes()
-    argv = ["--input", str(src), "--input-format", "hf", "--output", str(out), "--output-format", "torch"]
-    for at in (0, 7, 8, 30, len(data) - 1):
-        (src / "model.safetensors").write_bytes(data[:at])
-        assert "truncated or not safetensors" in fails(capfd, convert_main, argv)
-        assert not out.exists() and not out.with_name("out.partial").exists()
-    (src / "model.safetensors").write_bytes(data)
-    for at in (0, 1, len(config) - 1):
-        (src / "config.json").write_bytes(config[:at])
-        assert "is not a Hugging Face model directory" in fails(capfd, convert_main, argv)
-    (src / "config.json").write_bytes(b"[1, 2]")
-    assert "not a model config" in fails(capfd, convert_main, argv)
-    (src / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    assert "has no 'num_attention_heads'" in fails(capfd, convert_main, argv)
-    assert not out.exists() and not out.with_name("out.partial").exists()
-
-
-def test_deepspeed_pt_every_cut_leaves_nothing(tmp_path, small_cfg, capfd):
-    from cherry_megatron.convert.checkpoint import read_deepspeed
-
-    src, out = tmp_path / "ds", tmp_path / "out"
-    src.mkdir()
-    pt = src / "mp_rank_00_model_states.pt"
-    torch.save({"module": {"embed.weight": torch.randn(16, 4)}, "cherry_config": small_cfg, "step": 3}, pt)
-    assert read_deepspeed(src).step == 3
-    data = pt.read_bytes()
-    argv = ["--input", str(src), "--input-format", "deepspeed", "--output", str(out), "--output-format", "torch"]
-    for at in [*range(0, len(data), max(1, len(data) // 150)), len(data) - 1]:
-        pt.write_bytes(data[:at])
-        line = fails(capfd, convert_main, argv)
-        assert f"cannot read {pt} (truncated or not a checkpoint)" in line, (at, line)
-        assert not out.exists() and not out.with_name("out.partial").exists(), at
-    torch.save([1, 2], pt)  # a valid .pt that is not a model-states dict
-    assert "is not a DeepSpeed model-states file" in fails(capfd, convert_main, argv)
 
 
 YAML = """\
@@ -399,7 +187,7 @@ def test_real_trainer_on_a_cut_idx_header(indexed, tmp_path):
 FAMILIES = """
 import json, sys
 sys.path.insert(0, "tests")
-import test_reader_fuzz as t
+import reader_fuzz as t
 cases = json.loads(sys.argv[1])
 kept = []  # the exits stay alive to interpreter shutdown, as a CLI's own exit does
 for fn, argv in cases:
