@@ -90,6 +90,9 @@ class TrainConfig:
     exit_at_step: int = 0  # stop (with a checkpoint) after this step without changing the schedule
     max_nan_steps: int = 5  # non-finite losses in a row (each update skipped) before the run stops
     step_timeout_s: float = 1800.0  # a step running longer dumps all stacks and exits; 0: no watchdog
+    # A collective waiting longer fails with an error, in every process group (world, TP, DP, PP, expert);
+    # below step_timeout_s, so a lost peer surfaces as the collective's error before the watchdog's exit.
+    collective_timeout_s: float = 600.0
     precision: str = "auto"  # auto: bf16 on GPUs that have it, fp32 elsewhere; or fp32/bf16/fp16
     peak_tflops: float = 0.0  # per process, for MFU; 0: looked up for the device
     threads: int = 0  # torch threads per process; 0: cores / local processes
@@ -161,7 +164,7 @@ class Config:
 RESUMABLE_KEYS = {"train.steps", "train.exit_at_step", "train.log_interval", "train.eval_interval",
                   "train.save_interval", "train.eval_tokens", "train.threads", "train.peak_tflops",
                   "data.cache_dir", "parallel.backend", "sgt.probe_interval", "train.activation_checkpointing",
-                  "train.max_nan_steps", "train.step_timeout_s"}
+                  "train.max_nan_steps", "train.step_timeout_s", "train.collective_timeout_s"}
 
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:

@@ -44,6 +44,9 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
             raise ConfigError(f"parallel.pp={p.pp} is more stages than model.num_layers={m.num_layers}")
     if t.max_nan_steps < 1 or t.step_timeout_s < 0:
         raise ConfigError("train.max_nan_steps must be >= 1 and train.step_timeout_s >= 0 (0: no watchdog)")
+    if t.collective_timeout_s <= 0 or (t.step_timeout_s and t.collective_timeout_s >= t.step_timeout_s):
+        raise ConfigError(f"train.collective_timeout_s={t.collective_timeout_s:g} must be > 0 and below "
+                          f"train.step_timeout_s={t.step_timeout_s:g} (the watchdog), so a hung collective fails first")
     if t.activation_checkpointing < 0:
         raise ConfigError(f"train.activation_checkpointing must be 0 (off) or n >= 1 (every n-th layer), "
                           f"got {t.activation_checkpointing}")

@@ -8,6 +8,7 @@ environment helpers here (`child_env`, `world_size_from_env`) without loading ei
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import re
 import socket
@@ -73,7 +74,9 @@ def set_threads(threads: int) -> None:
     """Processes x threads <= cores, or the processes fight for the same cores (docs/DESIGN.md)."""
     if threads <= 0:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")))
-        threads = max(1, (os.cpu_count() or 1) // max(1, local))
+        # The cores this process may run on (cgroups, taskset, srun --cpu-bind), not the machine's.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cores // max(1, local))
     torch.set_num_threads(threads)
 
 
@@ -88,27 +91,40 @@ class Layout:
     device: torch.device
 
 
-def init(parallel: ParallelConfig, timeout_s: int = 600) -> Layout:
-    """Join the process group and build megatron's TP/DP groups; returns where this rank sits."""
+def select_device(local_rank: int) -> torch.device:
+    """This rank's device: GPU `LOCAL_RANK % visible GPUs`. With one GPU bound per task (`--gpus-per-task=1`,
+    `--gpu-bind`) each task sees one device, ordinal 0, whatever its local rank; with all of a node's GPUs
+    visible it is the local rank. DeepSpeed's engine is given the same ordinal (`engine.build_engine`)."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    # fp32 matmuls outside the bf16 path (evaluation, the SGT reference, router logits) on tensor cores.
+    torch.set_float32_matmul_precision("high")  # TF32
+    return device
+
+
+def init(parallel: ParallelConfig, timeout_s: float = 600) -> Layout:
+    """Join the process group and build megatron's TP/DP groups; returns where this rank sits. `timeout_s`
+    (train.collective_timeout_s) bounds a collective in every group, the world's and megatron's alike."""
     import deepspeed
     from megatron.core import parallel_state
 
     env_from_launcher()
     compat.check_versions()
     compat.skip_shm_comm_build()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+    device = select_device(int(os.environ.get("LOCAL_RANK", "0")))
     backend = parallel.backend if parallel.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(seconds=timeout_s))
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=parallel.tp,
-                                                 pipeline_model_parallel_size=parallel.pp)
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp,
+            distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)),  # megatron takes whole minutes
+            # Its extra gloo copies of every group are unused here, and on multi-NIC nodes without
+            # GLOO_SOCKET_IFNAME they hang at creation: only on a gloo world (CPU), where they cost nothing new.
+            create_gloo_process_groups=dist.get_backend() == "gloo")
     return Layout(rank=dist.get_rank(), world=dist.get_world_size(),
                   tp_rank=parallel_state.get_tensor_model_parallel_rank(), tp=parallel.tp,
                   dp_rank=parallel_state.get_data_parallel_rank(),

@@ -6,6 +6,7 @@ config owns the numbers a run is described by (batch sizes, lr, clipping), so "a
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -26,9 +27,10 @@ DS_CONFIG_DIR = Path(__file__).resolve().parent / "ds_configs"
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision != "auto":
-        if precision != "fp32" and device.type == "cpu":
-            # No bf16/fp16 units on our CPUs: a bf16 matmul runs ~500x slower than fp32 (docs/DESIGN.md).
-            raise ConfigError(f"train.precision={precision} needs a GPU; use fp32 or auto on CPU")
+        if precision == "fp16" and device.type == "cpu":
+            raise ConfigError("train.precision=fp16 needs a GPU; use fp32 (or bf16, slowly) on CPU")
+        # bf16 on a CPU runs (a micro model tests the GPU's mixed-precision path that way), but without bf16
+        # units a bf16 matmul runs ~500x slower than fp32 (docs/DESIGN.md): `auto` picks fp32 there.
         return precision
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return "bf16"
@@ -67,13 +69,25 @@ def deepspeed_config(cfg: Config, dp: int, device: torch.device) -> dict:
         "optimizer.params.lr": t.lr,
         "optimizer.params.betas": [t.beta1, t.beta2],
         "optimizer.params.weight_decay": t.weight_decay,
-        # DeepSpeed's FusedAdam needs CUDA; torch's AdamW is the CPU path.
-        "optimizer.params.torch_adam": device.type != "cuda",
+        # torch's AdamW everywhere: DeepSpeed's FusedAdam (and its CPUAdam under offload) are compiled at first
+        # use (nvcc + CUDA_HOME, or a C++ toolchain), minutes per fresh node or a failed start.
+        "optimizer.params.torch_adam": True,
         "bf16.enabled": precision == "bf16",
         "fp16.enabled": precision == "fp16",
         "zero_optimization.stage": cfg.parallel.zero_stage,
     }
-    return _fill(raw, values)
+    out = _fill(raw, values)
+    if precision == "bf16":
+        if cfg.parallel.zero_stage == 0:
+            raise ConfigError("train.precision=bf16 needs parallel.zero_stage >= 1: with ZeRO-0 DeepSpeed accumulates "
+                              "and all-reduces gradients in bf16 (it refuses fp32 accumulation there)")
+        # Micro-batch gradients summed and reduced over DP in fp32, not bf16 (ZeRO-1: DeepSpeed's BF16_Optimizer).
+        out.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+    params = out.get("optimizer", {}).get("params", {})
+    offloaded = out.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
+    if params.get("torch_adam") and device.type == "cuda" and not offloaded:
+        params.setdefault("fused", True)  # torch's fused CUDA kernel: one launch per parameter group, no build
+    return out
 
 
 def lr_lambda(t):
@@ -101,8 +115,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, dp: int, device: torch.device, load_universal: bool = False):
+def engine_args(device: torch.device):
+    """What deepspeed.initialize takes as `args`: on a GPU the ordinal `distributed.select_device` chose, or
+    DeepSpeed sets LOCAL_RANK as the device, an invalid ordinal when each task sees one GPU; None elsewhere."""
+    return argparse.Namespace(device_rank=device.index) if device.type == "cuda" else None
 
+
+def build_engine(model: torch.nn.Module, cfg: Config, dp: int, device: torch.device, load_universal: bool = False):
     ds_cfg = deepspeed_config(cfg, dp, device)
     if load_universal:  # the next load_checkpoint reads a universal checkpoint and re-slices it for this layout
         ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
@@ -112,6 +131,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, dp: int, device: torch.dev
 
     # A PipelineModule brings its own grid (the same rank order as megatron's, distributed.check_topology).
     mpu = None if isinstance(model, PipelineModule) else MegatronMPU()
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
-                                           config=ds_cfg, mpu=mpu, lr_scheduler=scheduler)
+    engine, _, _, _ = deepspeed.initialize(args=engine_args(device), model=model, config=ds_cfg, mpu=mpu,
+                                           model_parameters=param_groups(model, cfg.train.weight_decay),
+                                           lr_scheduler=scheduler)
     return engine, ds_cfg

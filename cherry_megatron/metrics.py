@@ -7,9 +7,21 @@ from pathlib import Path
 
 import torch
 
-# Dense peak throughput per device for MFU, by the precision a run computes in (vendor figures).
-GPU_PEAK_TFLOPS = {"H200": {"bf16": 989.0, "fp32": 67.0}, "H100": {"bf16": 989.0, "fp32": 67.0},
-                   "A100": {"bf16": 312.0, "fp32": 19.5}, "L40S": {"bf16": 362.0, "fp32": 91.6}}
+# Dense (no sparsity) peak TFLOP/s for MFU, keyed on the exact `torch.cuda.get_device_name()` (vendor data
+# sheets): a substring match gave PCIe and NVL parts the SXM peak. bf16 on tensor cores; fp32 without TF32.
+# An unlisted device gets no MFU (NaN) unless train.peak_tflops says its peak.
+GPU_PEAK_TFLOPS = {
+    "NVIDIA H200": {"bf16": 989.4, "fp32": 66.9},  # SXM
+    "NVIDIA H200 NVL": {"bf16": 835.0, "fp32": 60.0},
+    "NVIDIA H100 80GB HBM3": {"bf16": 989.4, "fp32": 66.9},  # SXM
+    "NVIDIA H100 PCIe": {"bf16": 756.0, "fp32": 51.0},
+    "NVIDIA H100 NVL": {"bf16": 835.0, "fp32": 60.0},
+    "NVIDIA A100-SXM4-80GB": {"bf16": 312.0, "fp32": 19.5},
+    "NVIDIA A100-SXM4-40GB": {"bf16": 312.0, "fp32": 19.5},
+    "NVIDIA A100 80GB PCIe": {"bf16": 312.0, "fp32": 19.5},
+    "NVIDIA A100-PCIE-40GB": {"bf16": 312.0, "fp32": 19.5},
+    "NVIDIA L40S": {"bf16": 362.1, "fp32": 91.6},
+}
 # Measured on the 2-core development CPU: 2048^3 fp32 matmul, 155 GFLOP/s on 2 threads (docs/DESIGN.md).
 CPU_PEAK_TFLOPS_PER_THREAD = 0.0775
 
@@ -19,11 +31,8 @@ def peak_tflops(device: torch.device, precision: str, override: float) -> float:
     if override > 0:
         return override
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peaks in GPU_PEAK_TFLOPS.items():
-            if key in name:
-                return peaks["fp32" if precision == "fp32" else "bf16"]
-        return float("nan")
+        peaks = GPU_PEAK_TFLOPS.get(torch.cuda.get_device_name(device).strip())
+        return peaks["fp32" if precision == "fp32" else "bf16"] if peaks else float("nan")
     return CPU_PEAK_TFLOPS_PER_THREAD * torch.get_num_threads()
 
 

@@ -320,7 +320,7 @@ def main(argv=None) -> dict:
         cfg, tokenizer, run_dir = preflight(args.config, [o for group in args.overrides for o in group],
                                             args.run_dir or None, distributed.world_size_from_env())
         distributed.set_threads(cfg.train.threads)
-        layout = distributed.init(cfg.parallel)
+        layout = distributed.init(cfg.parallel, cfg.train.collective_timeout_s)
         lock = None
         try:
             # Before Trainer(), which writes config.yaml: one writer per run dir, every rank told the outcome.

@@ -102,6 +102,6 @@ def test_non_finite_losses_skip_their_updates_then_stop_the_run(corpus, tmp_path
 def test_a_hung_step_dumps_stacks_and_exits(corpus, tmp_path):
     start = time.monotonic()
     proc = run_cli(["-m", "cherry_megatron.train", "--config", "tiny", "--run-dir", str(tmp_path / "run"), "--set",
-                    *SHORT_RUN, "train.step_timeout_s=2"], env={FAULT_ENV: "hang@2"})
+                    *SHORT_RUN, "train.step_timeout_s=2", "train.collective_timeout_s=1"], env={FAULT_ENV: "hang@2"})
     assert proc.returncode != 0 and time.monotonic() - start < 120
     assert "Timeout (0:00:02)!" in proc.stderr and "in fit" in proc.stderr, proc.stderr[-2000:]

@@ -100,3 +100,19 @@ def test_activation_checkpointing_changes_no_loss_or_gradient(world_of_one, pres
         loss, g = grads[every]
         assert loss == base_loss and g.keys() == base.keys()
         assert all(torch.allclose(g[n], base[n], rtol=1e-5, atol=1e-7) for n in base), every
+
+
+def test_rope_frequencies_stay_fp32_when_the_module_is_cast_to_bf16():
+    """No frequency buffer for a bf16 cast to round: the cast module gives fp32-computed cos/sin, rounded only at
+    the end, and the phase at position 2047 is what fp64 says."""
+    import math
+
+    rope = RotaryEmbedding(64, 10000.0)
+    reference = rope(2048, torch.device("cpu"), torch.float32)
+    rope.to(torch.bfloat16)
+    cos, sin = rope(2048, torch.device("cpu"), torch.bfloat16)
+    assert torch.equal(cos, reference[0].to(torch.bfloat16)) and torch.equal(sin, reference[1].to(torch.bfloat16))
+    phase = 2047 * (1.0 / 10000.0 ** (2 / 64))  # the second frequency at the last position
+    assert abs(math.atan2(reference[1][2047, 1].item(), reference[0][2047, 1].item())
+               - math.atan2(math.sin(phase), math.cos(phase))) < 1e-3
+    assert rope(2048, torch.device("cpu"), torch.float32) is not None and len(rope._cache) == 2  # cached per dtype

@@ -38,18 +38,28 @@ def normal_init(std: float):
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE in the rotate-half convention of Hugging Face Llama, so exported q/k weights need no permutation."""
+    """RoPE in the rotate-half convention of Hugging Face Llama, so exported q/k weights need no permutation.
+
+    The frequencies are no buffer: a bf16 cast of the module (a user's `.to(bfloat16)`, DeepSpeed's below
+    0.19.2) would round them, up to ~0.9 rad of phase by position 2048, and the model would disagree with its
+    export. They are computed in fp32 here, and cos/sin cached per (length, device, dtype)."""
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+        self._cache: dict = {}
 
     def forward(self, seq_len: int, device: torch.device, dtype: torch.dtype):
-        t = torch.arange(seq_len, device=device, dtype=torch.float32)
-        freqs = torch.outer(t, self.inv_freq.to(device))
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        key = (seq_len, str(device), dtype)
+        if key not in self._cache:
+            inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
+            t = torch.arange(seq_len, device=device, dtype=torch.float32)
+            freqs = torch.outer(t, inv_freq.to(device))
+            emb = torch.cat((freqs, freqs), dim=-1)
+            if len(self._cache) >= 8:  # a few lengths (training, evaluation's last window), not one per step
+                self._cache.clear()
+            self._cache[key] = (emb.cos().to(dtype), emb.sin().to(dtype))
+        return self._cache[key]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
