@@ -56,8 +56,6 @@ CONSOLIDATED_WEIGHTS, CONSOLIDATED_CONFIG = "model.safetensors", "cherry_config.
 
 def save_consolidated(out_dir: str | Path, state: dict[str, torch.Tensor], cfg_dict: dict) -> None:
     """A full (TP=1) model as safetensors + its config, written to a temp dir and renamed into place."""
-
-
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise CheckpointError(f"{out_dir} exists already; refusing to overwrite it")

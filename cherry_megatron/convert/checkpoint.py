@@ -43,9 +43,9 @@ class Checkpoint:
         return self.fetch(name)
 
     def layout(self, name: str):
-        """How `name` splits over TP ranks, for writers that re-shard (`shard_layout`)."""
+        """How `name` splits over TP ranks, for writers that re-shard (`table_layout`)."""
         if self._layout is None:
-            self._layout = shard_layout(self.cfg, self.source, tp=2)
+            self._layout = table_layout(self.cfg, self.source)
         return self._layout(name)
 
     @property
@@ -54,11 +54,14 @@ class Checkpoint:
 
 
 def shard_layout(cfg: dict, source: str, tp: int):
-    """name -> (dim, stride) or None for merging `tp` shards of a checkpoint of config `cfg`: the layout the
-    parameters of the model it describes declare (`model.layout_table`). One shard needs no layout."""
-    if tp == 1:
-        return lambda name: None
+    """name -> (dim, stride) or None for merging `tp` shards of a checkpoint of config `cfg`. One shard needs no
+    layout, and reading it builds no model."""
+    return (lambda name: None) if tp == 1 else table_layout(cfg, source)
 
+
+def table_layout(cfg: dict, source: str):
+    """name -> (dim, stride) or None: the layout the parameters of the model `cfg` describes declare
+    (`model.layout_table`); a config that builds no model, or a name its model lacks, is one clear error."""
     try:
         table = layout_table(cfg)
     except (KeyError, TypeError, ValueError, UserError) as e:
@@ -241,8 +244,6 @@ def _st_dtype(s: str, file: Path | str = "") -> torch.dtype:
 def model_tensors(cfg_dict: dict) -> tuple[dict[str, tuple], list[str]]:
     """({name: shape}, [`_extra_state` names]) of the full (TP=1) model this config builds, built on the meta
     device (shapes only, no memory) in a world of one."""
-
-
     cfg = from_dict(cfg_dict)
     cfg.moee.ep_size = 1  # a full checkpoint holds every expert
     cfg.parallel.tp = cfg.parallel.pp = 1

@@ -27,9 +27,6 @@ from cherry_megatron.model import layout_table
 def universal_info(cfg: dict) -> dict:
     """DeepSpeed's patterns for the model of `cfg`: replicated weights, weights split along dim 1 (row
     parallel) and fused [a; b] weights split per half; the rest are split along dim 0 (its default)."""
-
-
-
     table = layout_table(cfg)
     # Exact names, after any prefix DeepSpeed may put in front (it matches with re.match).
     names = lambda want: [r"(.*\.)?" + re.escape(n) + "$" for n, layout in table.items() if layout == want]  # noqa: E731

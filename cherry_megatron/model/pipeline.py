@@ -197,8 +197,6 @@ PARTITIONS = {"layers": "type:BlockStage", "parameters": "parameters"}
 
 def build_pipeline(cfg, topology, model=None):
     """`model` (default: `build_model(cfg)`), whole on every rank, cut into this rank's stage layers."""
-
-
     model = model if model is not None else build_model(cfg)
     t, dp = cfg.train, topology.get_dim("data")
     aux = AuxLosses(aux_weights(cfg.moee), t.global_batch_size // (t.micro_batch_size * dp))
