@@ -37,6 +37,15 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "fp32"
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype a run of `train.precision` computes in on `device`: what evaluation and a frozen reference
+    model use too, so they measure the model the trainer ran."""
+    return DTYPES[resolve_precision(precision, device)]
+
+
 def _fill(node, values: dict, path: str = ""):
     if isinstance(node, dict):
         return {k: _fill(v, values, f"{path}{k}.") for k, v in node.items()}
@@ -83,6 +92,7 @@ def deepspeed_config(cfg: Config, dp: int, device: torch.device) -> dict:
                               "and all-reduces gradients in bf16 (it refuses fp32 accumulation there)")
         # Micro-batch gradients summed and reduced over DP in fp32, not bf16 (ZeRO-1: DeepSpeed's BF16_Optimizer).
         out.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+        out.setdefault("communication_data_type", "fp32")
     params = out.get("optimizer", {}).get("params", {})
     offloaded = out.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
     if params.get("torch_adam") and device.type == "cuda" and not offloaded:

@@ -5,7 +5,9 @@
 The data file's token stream in stored order (documents concatenated as written, EOD included) is cut
 into windows tokens[k*S : k*S+S+1]: the first S are the input, the last S the targets. Windows are
 taken for k = 0, 1, ... until N tokens are predicted (the last window is shortened to land on N
-exactly). Nothing is shuffled or masked; `loss` is the mean over all predicted tokens.
+exactly). Nothing is shuffled or masked; `loss` is the mean over all predicted tokens. The model computes in the
+run's training precision (`train.precision` on this device: bf16 on a GPU for `auto`), as the trainer's own
+evaluation did; `--precision fp32` measures the fp32 master weights instead.
 """
 from __future__ import annotations
 
@@ -56,6 +58,8 @@ def main(argv=None):
     p.add_argument("--seq-length", type=int, default=0, help="default: the run's train.seq_length")
     p.add_argument("--max-tokens", type=int, default=0, help="tokens to predict; 0: the whole file")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--precision", default="train", choices=["train", "fp32", "bf16"],
+                   help="train (default): the run's train.precision on this device, as the trainer evaluated")
     args = p.parse_args(argv)
     result = _evaluate(args)
     if result is not None:
@@ -71,6 +75,7 @@ def _evaluate(args) -> dict | None:
         from cherry_megatron.config import ParallelConfig
         from cherry_megatron.convert.load import load_model
         from cherry_megatron.data.indexed import token_stream
+        from cherry_megatron.engine import compute_dtype
         from cherry_megatron.errors import CheckpointError
 
         stream = token_stream(args.data)
@@ -82,7 +87,8 @@ def _evaluate(args) -> dict | None:
                 raise CheckpointError(f"{args.data} holds token id {int(stream.max())}, beyond the model's "
                                       f"vocabulary {cfg.model.vocab_size}: data and checkpoint come from different "
                                       "tokenizers")
-            loss, n = window_loss(model.to(layout.device), stream, args.seq_length or cfg.train.seq_length,
+            dtype = compute_dtype(cfg.train.precision if args.precision == "train" else args.precision, layout.device)
+            loss, n = window_loss(model.to(device=layout.device, dtype=dtype), stream, args.seq_length or cfg.train.seq_length,
                                   args.max_tokens, args.batch_size, layout.device, layout.dp_rank, layout.dp,
                                   parallel_state.get_data_parallel_group())
         finally:

@@ -29,6 +29,7 @@ from megatron.core.datasets.utils import get_blend_from_list
 
 from cherry_megatron.config import SGTConfig
 from cherry_megatron.convert.load import load_model
+from cherry_megatron.engine import compute_dtype
 from cherry_megatron.data.indexed import token_stream
 from cherry_megatron.errors import CheckpointError, DataError
 from cherry_megatron.payload import content_pieces
@@ -200,7 +201,8 @@ class SGT:
         self.cfg, self.device = cfg.sgt, device
         self.policy = build_policy(cfg.sgt, cfg.train.seed, cfg.model.vocab_size, cfg.data.paths,
                                    cfg.data.tokenizer_model)
-        self.reference = load_reference(cfg.sgt.reference, cfg.model.vocab_size, layout, device) \
+        self.reference = load_reference(cfg.sgt.reference, cfg.model.vocab_size, layout, device,
+                                        compute_dtype(cfg.train.precision, device)) \
             if self.policy.needs_reference else None
 
     def selection(self, batch: dict, key: int) -> Selection:
@@ -227,11 +229,13 @@ class SGT:
         return saved - (head if self.policy.needs_losses and self.cfg.anchor_weight == 0 else 0.0)
 
 
-def load_reference(path: str, vocab_size: int, layout, device: torch.device) -> torch.nn.Module:
-    """The frozen reference model of `excess`, split for this TP rank like the trained model."""
+def load_reference(path: str, vocab_size: int, layout, device: torch.device,
+                   dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The frozen reference model of `excess`, split for this TP rank like the trained model, in the trained
+    model's precision (an fp32 reference beside a bf16 model would score positions by precision, not content)."""
 
     model, ref_cfg = load_model(path)
     if ref_cfg.model.vocab_size != vocab_size:
         raise CheckpointError(f"sgt.reference {path} has vocabulary {ref_cfg.model.vocab_size}, the model {vocab_size}: "
                               "the reference must share the tokenizer")
-    return model.to(device).requires_grad_(False)
+    return model.to(device=device, dtype=dtype).requires_grad_(False)

@@ -152,34 +152,3 @@ def test_deepspeed_configs_use_torchs_adamw_fused_on_gpus_and_build_nothing():
         cpu = deepspeed_config(cfg, 1, torch.device("cpu"))["optimizer"]["params"]
         assert gpu["torch_adam"] is True and cpu["torch_adam"] is True, (stage, ds_config)
         assert gpu.get("fused") is (None if ds_config else True) and "fused" not in cpu, (stage, ds_config)
-
-
-def test_bf16_accumulates_and_reduces_gradients_in_fp32(world_of_one):
-    """A bf16 micro model on CPU (slow there, but DeepSpeed's GPU mixed-precision path): at ZeRO-1 the engine takes
-    DeepSpeed's BF16_Optimizer with fp32 gradient accumulation and trains; ZeRO-0, which would accumulate and
-    all-reduce in bf16, is refused in one line."""
-    import torch
-
-    from cherry_megatron.config import ConfigError
-    from cherry_megatron.engine import build_engine, deepspeed_config
-    from cherry_megatron.model import build_model
-
-    sets = ["model.vocab_size=256", "model.num_layers=1", "model.hidden_size=32", "model.num_heads=2",
-            "model.num_kv_heads=1", "model.ffn_hidden_size=64", "train.precision=bf16", "train.micro_batch_size=2",
-            "train.global_batch_size=4"]
-    with pytest.raises(ConfigError, match="bf16 needs parallel.zero_stage >= 1"):
-        deepspeed_config(load_config("tiny", sets + ["parallel.zero_stage=0"]), 1, torch.device("cpu"))
-    cfg = load_config("tiny", sets + ["parallel.zero_stage=1"])
-    torch.manual_seed(0)
-    engine, ds_cfg = build_engine(build_model(cfg, torch.bfloat16), cfg, 1, torch.device("cpu"))
-    assert ds_cfg["data_types"]["grad_accum_dtype"] == "fp32"
-    assert engine.get_data_types() == (torch.bfloat16, torch.float32)
-    assert type(engine.optimizer).__name__ == "BF16_Optimizer"
-    tokens = torch.randint(0, 256, (2, 16))
-    first = None
-    for _ in range(6):  # 3 optimizer steps of 2 micro-batches
-        loss = engine(tokens, tokens.roll(-1, 1)).per_token.float().mean()
-        engine.backward(loss)
-        engine.step()
-        first = loss.item() if first is None else first
-    assert torch.isfinite(loss) and loss.item() < first

@@ -14,7 +14,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from megatron.core import parallel_state
@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from cherry_megatron import compat, distributed
 from cherry_megatron.checkpoint.consolidate import CONSOLIDATED_CONFIG, CONSOLIDATED_WEIGHTS, resolve_tag_dir
 from cherry_megatron.config import ParallelConfig, from_dict
-from cherry_megatron.convert import safe_load
+from cherry_megatron.convert import safe_load, zero_masters
 from cherry_megatron.convert.safetensors_stream import DTYPES
 from cherry_megatron.errors import CheckpointError, UserError
 from cherry_megatron.model import build_model, layout_table
@@ -86,14 +86,39 @@ def _weights(d: dict) -> dict[str, torch.Tensor]:
     return {k: v for k, v in d.items() if torch.is_tensor(v) and not k.endswith("._extra_state")}
 
 
-def _from_shards(shards: list[dict[str, torch.Tensor]], cfg: dict, source: str, step: int) -> Checkpoint:
+class _Master(NamedTuple):
+    """A shard's fp32 master, read from the optimizer partitions when asked for (`zero_masters`)."""
+    dtype: torch.dtype
+    shape: tuple
+    read: Callable[[], torch.Tensor]
+
+
+def _tensor(v) -> torch.Tensor:
+    return v.read() if isinstance(v, _Master) else v
+
+
+def _with_masters(shard: dict, masters: dict) -> dict:
+    """The shard with each low-precision module weight replaced by its fp32 master where the optimizer has one."""
+    return {n: _Master(torch.float32, tuple(t.shape), masters[n]) if n in masters and t.dtype != torch.float32 else t
+            for n, t in shard.items()}
+
+
+def _shape(shard: dict, name: str) -> tuple | None:
+    return tuple(shard[name].shape) if name in shard else None
+
+
+def _low_precision(shards: list[dict]) -> bool:
+    return any(t.dtype in (torch.bfloat16, torch.float16) for s in shards for t in s.values())
+
+
+def _from_shards(shards: list[dict], cfg: dict, source: str, step: int) -> Checkpoint:
     """TP shards of one state dict (rank order) -> a Checkpoint merging each tensor when asked for."""
     layout = shard_layout(cfg, source, len(shards))
     specs = {n: (t.dtype, merged_shape([s[n].shape for s in shards], layout(n))) for n, t in shards[0].items()}
     missing = [n for s in shards[1:] for n in specs if n not in s]
     if missing:
         raise CheckpointError(f"{source}: TP shards disagree (rank 0 has {missing[0]}, another rank does not)")
-    return Checkpoint(cfg, specs, lambda n: merge_one(layout, n, [s[n] for s in shards]), source, step)
+    return Checkpoint(cfg, specs, lambda n: merge_one(layout, n, [_tensor(s[n]) for s in shards]), source, step)
 
 
 # ---------------------------------------------------------------------------------------------- DeepSpeed
@@ -126,6 +151,10 @@ def read_deepspeed(path: str | Path) -> Checkpoint:
     experts = _expert_shards(tag_dir)
     if experts:
         shards = [{**s, **e} for s, e in zip(shards, experts)]
+    if _low_precision(shards):  # bf16/fp16 module weights: the fp32 masters live in the optimizer partitions
+        files = zero_masters.optimizer_files(tag_dir)
+        shards = [_with_masters(s, zero_masters.fp32_masters(files.get(r, []), lambda n, s=s: _shape(s, n)))
+                  for r, s in enumerate(shards)]
     return _from_shards(shards, cfg, src, step)
 
 
@@ -147,14 +176,31 @@ def _read_pipeline(tag_dir: Path, cfg: dict, src: str, step: int) -> Checkpoint:
         raise CheckpointError(f"{tag_dir}: converting pipelined recurrent or routed checkpoints is not supported; "
                               "resume them at their own layout")
     layers = cfg["model"]["num_layers"]
+
+    def full_name(idx: int, name: str) -> str:
+        return f"layers.{idx - 1}.{name[len('block.'):]}" if 1 <= idx <= layers else name
+
     by_rank: dict[int, dict] = {}
     for f in sorted(tag_dir.glob("layer_*-model_*-model_states.pt")):
         idx, rank = (int(g) for g in _LAYER_FILE.search(f.name).groups())
-        prefix = f"layers.{idx - 1}." if 1 <= idx <= layers else ""
         for name, t in _weights(safe_load.load(f)).items():
-            full = prefix + name[len("block."):] if prefix else name
-            by_rank.setdefault(rank, {}).setdefault(full, t)
-    return _from_shards(_model_order([by_rank[r] for r in sorted(by_rank)]), cfg, src, step)
+            by_rank.setdefault(rank, {}).setdefault(full_name(idx, name), t)
+    shards = [by_rank[r] for r in sorted(by_rank)]
+    if _low_precision(shards):
+        # One optimizer per (stage, TP rank), mp rank = stage * tp + TP rank, naming parameters as the
+        # PipelineModule does: "<layer index>.<name in the layer>".
+        # A tied module's parameters are "tied_modules.<key>.<name>" (only the embedding: stage 0's layer).
+        def ours(pipe_name: str) -> str:
+            idx, name = pipe_name.split(".", 1)
+            return full_name(int(idx), name) if idx.isdigit() else name.split(".", 1)[1]
+
+        tp = len(shards)
+        masters: list[dict] = [{} for _ in shards]
+        for mp, files in zero_masters.optimizer_files(tag_dir).items():
+            found = zero_masters.fp32_masters(files, lambda n, s=shards[mp % tp]: _shape(s, ours(n)))
+            masters[mp % tp].update({ours(n): read for n, read in found.items()})
+        shards = [_with_masters(s, m) for s, m in zip(shards, masters)]
+    return _from_shards(_model_order(shards), cfg, src, step)
 
 
 def _model_order(shards: list[dict]) -> list[dict]:
@@ -190,7 +236,7 @@ def _zero3_rank(tag_dir: Path, links: Path, r: int) -> dict:
 
     d = links / f"tp{r}"
     d.mkdir()
-    for f in tag_dir.glob(f"zero_pp_rank_*_mp_rank_{r:02d}_*_states.pt"):
+    for f in tag_dir.glob(f"*zero_pp_rank_*_mp_rank_{r:02d}_*_states.pt"):
         (d / f.name).symlink_to(f.resolve())
     try:  # zero_to_fp32 reports on stdout, which a CLI keeps for its result
         with safe_load.weights_only_loads(), contextlib.redirect_stdout(sys.stderr):
