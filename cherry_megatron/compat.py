@@ -40,6 +40,7 @@ PATCHED = [
     ("deepspeed.runtime.pipe.engine", "PipelineEngine.eval_batch"),
     ("deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine", "TorchCheckpointEngine.save"),
     ("megatron.core.tokenizers.text.libraries.huggingface_tokenizer", "HAVE_TRANSFORMERS"),
+    ("megatron.core.tensor_parallel.cross_entropy", "VocabParallelCrossEntropy.calculate_predicted_logits"),
 ]
 
 
@@ -153,6 +154,33 @@ def _tp_padded_gate() -> type:
             return (l_aux, -(-int(capacity) // tp) * tp, *rest)
 
     return TPPaddedGate
+
+
+# ------------------------------------------------------------------------------------ megatron-core losses
+def sync_free_cross_entropy() -> None:
+    """megatron's vocab-parallel cross-entropy zeroes out-of-shard targets with `x[mask] = 0`: a boolean-mask
+    write, which on a GPU first counts the mask on the host (a sync, twice per loss call, every micro-batch).
+    The same function with `masked_fill_`, bit for bit the same values; idempotent."""
+    from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
+
+    if getattr(VocabParallelCrossEntropy.calculate_predicted_logits, "_cherry", False):
+        return
+
+    def calculate_predicted_logits(vocab_parallel_logits, target, logits_max, vocab_start_index, vocab_end_index):
+        vocab_parallel_logits -= logits_max.unsqueeze(dim=-1)
+        target_mask = (target < vocab_start_index) | (target >= vocab_end_index)
+        masked_target = (target.clone() - vocab_start_index).masked_fill_(target_mask, 0)
+        partition_vocab_size = vocab_parallel_logits.size()[-1]
+        logits_2d = vocab_parallel_logits.view(-1, partition_vocab_size)
+        masked_target_1d = masked_target.view(-1)
+        arange_1d = torch.arange(start=0, end=logits_2d.size()[0], device=logits_2d.device)
+        predicted_logits = logits_2d[arange_1d, masked_target_1d].clone().contiguous().view_as(target)
+        predicted_logits.masked_fill_(target_mask, 0.0)
+        exp_logits = torch.exp(vocab_parallel_logits, out=vocab_parallel_logits)
+        return target_mask, masked_target_1d, predicted_logits, exp_logits.sum(dim=-1), exp_logits
+
+    calculate_predicted_logits._cherry = True
+    VocabParallelCrossEntropy.calculate_predicted_logits = staticmethod(calculate_predicted_logits)
 
 
 # ----------------------------------------------------------------------------------- DeepSpeed checkpoints

@@ -97,6 +97,7 @@ class TrainConfig:
     peak_tflops: float = 0.0  # per process, for MFU; 0: looked up for the device
     threads: int = 0  # torch threads per process; 0: cores / local processes
     activation_checkpointing: int = 0  # recompute activations in backward: 0 none, 1 every layer, n every n-th
+    compile: bool = False  # torch.compile each block (bench/compile_step.py measures it against eager)
     # A DeepSpeed universal checkpoint (tools/convert_checkpoint.py --output-format universal) to resume from,
     # optimizer state included, at this config's TP/DP layout, while the run dir holds no checkpoint of its own.
     universal_from: str = ""
@@ -137,7 +138,10 @@ class MoEEConfig:
     num_experts: int = 0  # E; 0: no MoE layers. Each block's MLP becomes E experts behind a router
     top_k: int = 1  # experts per token
     ep_size: int = 1  # expert-parallel ranks (deepspeed.moe); divides num_experts and the data-parallel size
-    capacity_factor: float = 0.0  # expert capacity per batch; 0: no token is ever dropped
+    # Expert capacity per batch. 0: dropless, no token is ever dropped (exact at every EP layout), but DeepSpeed
+    # reads the largest expert load back to size its buffers: one host sync per routed layer and micro-batch.
+    # On GPUs, where that stalls the queue, 1.25 (GShard/Switch) has none; tokens over capacity are dropped.
+    capacity_factor: float = 0.0
     load_balance_weight: float = 0.01  # Switch/GShard auxiliary loss, per routed layer
     z_loss_weight: float = 0.001  # router z-loss (ST-MoE), per routed layer
     router_jitter: float = 0.0  # DeepSpeed's multiplicative input jitter while training; 0: off
@@ -164,7 +168,7 @@ class Config:
 RESUMABLE_KEYS = {"train.steps", "train.exit_at_step", "train.log_interval", "train.eval_interval",
                   "train.save_interval", "train.eval_tokens", "train.threads", "train.peak_tflops",
                   "data.cache_dir", "parallel.backend", "sgt.probe_interval", "train.activation_checkpointing",
-                  "train.max_nan_steps", "train.step_timeout_s", "train.collective_timeout_s"}
+                  "train.compile", "train.max_nan_steps", "train.step_timeout_s", "train.collective_timeout_s"}
 
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:

@@ -71,7 +71,12 @@ def world_size_from_env() -> int:
 
 
 def set_threads(threads: int) -> None:
-    """Processes x threads <= cores, or the processes fight for the same cores (docs/DESIGN.md)."""
+    """Processes x threads <= cores, or the processes fight for the same cores (docs/DESIGN.md). An explicit
+    `train.threads` wins, then an operator's OMP_NUM_THREADS (torchrun sets 1 when it starts several processes
+    and finds none), then the cores this process may use over the processes of its node."""
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if threads <= 0 and omp.isdigit() and int(omp) > 0:
+        threads = int(omp)
     if threads <= 0:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")))
         # The cores this process may run on (cgroups, taskset, srun --cpu-bind), not the machine's.
@@ -102,6 +107,14 @@ def select_device(local_rank: int) -> torch.device:
     # fp32 matmuls outside the bf16 path (evaluation, the SGT reference, router logits) on tensor cores.
     torch.set_float32_matmul_precision("high")  # TF32
     return device
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without stopping the host: a GPU copy goes from pinned memory, asynchronously
+    (from pageable memory CUDA first waits for the stream to drain)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def init(parallel: ParallelConfig, timeout_s: float = 600) -> Layout:

@@ -11,6 +11,10 @@ from typing import NamedTuple, Optional
 import torch
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
+from cherry_megatron import compat
+
+compat.sync_free_cross_entropy()
+
 
 class Output(NamedTuple):
     """What a model's forward returns. A NamedTuple, not a dataclass: DeepSpeed's ZeRO-3 hooks walk a

@@ -31,6 +31,7 @@ from cherry_megatron.config import SGTConfig
 from cherry_megatron.convert.load import load_model
 from cherry_megatron.engine import compute_dtype
 from cherry_megatron.data.indexed import token_stream
+from cherry_megatron import distributed
 from cherry_megatron.errors import CheckpointError, DataError
 from cherry_megatron.payload import content_pieces
 
@@ -40,18 +41,26 @@ def selected_count(ratio: float, n: int) -> int:
     return int(math.floor(ratio * n + 0.5))
 
 
-def select_top(scores: torch.Tensor, valid: torch.Tensor, ratio: float, scope: str) -> torch.Tensor:
+def selected_counts(valid: torch.Tensor, ratio: float, scope: str) -> list[int]:
+    """round(ratio * n_valid) per sequence (scope=sequence) or for the whole micro-batch (scope=batch). The
+    trainer counts on the host copy of the loss mask, so the device never has to report it."""
+    n = valid.sum(1) if scope == "sequence" else valid.sum().reshape(1)
+    return [selected_count(ratio, int(v)) for v in n.tolist()]
+
+
+def select_top(scores: torch.Tensor, valid: torch.Tensor, ratio: float, scope: str,
+               counts: Optional[list[int]] = None) -> torch.Tensor:
     """Bool mask [b, s] of exactly round(ratio * n_valid) positions per sequence (or per batch) with the
-    highest scores; invalid positions are never chosen."""
-    scores = scores.float().masked_fill(~valid, float("-inf"))
-    mask = torch.zeros_like(valid)
-    rows = [(scores.reshape(1, -1), valid.reshape(1, -1), mask.view(1, -1))] if scope == "batch" else \
-        [(scores[i:i + 1], valid[i:i + 1], mask[i:i + 1]) for i in range(scores.shape[0])]
-    for sc, va, out in rows:
-        k = selected_count(ratio, int(va.sum()))
-        if k:
-            out[0, sc[0].topk(k).indices] = True
-    return mask
+    highest scores, ties to the earlier position; invalid positions are never chosen.
+
+    By rank, not `topk` per row: k differs between rows, and a per-row k read from the device would stop the
+    host once per sequence. `counts` (`selected_counts`) comes from the host; without it, one read here."""
+    counts = selected_counts(valid, ratio, scope) if counts is None else counts
+    flat = scores.float().masked_fill(~valid, float("-inf")).reshape(len(counts), -1)
+    order = flat.argsort(dim=1, descending=True, stable=True)
+    k = distributed.to_device(torch.tensor(counts, dtype=torch.int64), flat.device)
+    chosen = torch.arange(flat.shape[1], device=flat.device).expand_as(flat) < k[:, None]
+    return torch.zeros_like(chosen).scatter_(1, order, chosen).view_as(valid)
 
 
 class Policy:
@@ -69,8 +78,9 @@ class RandomPolicy(Policy):
         self.seed = seed
 
     def scores(self, labels, key, losses=None, ref_losses=None):
+        # Drawn on the host (the same numbers on every device type) and copied without stopping the host.
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + key)
-        return torch.rand(labels.shape, generator=g).to(labels.device)
+        return distributed.to_device(torch.rand(labels.shape, generator=g), labels.device)
 
 
 class FrequencyPolicy(Policy):
@@ -157,11 +167,21 @@ class Selection:
     key: int
     ref_losses: Optional[torch.Tensor] = None
     full_loss: bool = False  # anchor_weight > 0: the model returns every position's loss with gradient
+    counts: Optional[list[int]] = None  # `selected_counts`, from the host's loss mask; None: counted here
+
+    def __post_init__(self):
+        if self.counts is None:
+            self.counts = selected_counts(self.valid, self.ratio, self.scope)
+
+    @property
+    def total(self) -> int:
+        """Positions selected in the micro-batch: the gathered head's size, known without asking the device."""
+        return sum(self.counts)
 
     def __call__(self, losses_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         losses = losses_fn() if self.policy.needs_losses else None
         scores = self.policy.scores(self.labels, self.key, losses, self.ref_losses)
-        return select_top(scores, self.valid, self.ratio, self.scope)
+        return select_top(scores, self.valid, self.ratio, self.scope, self.counts)
 
 
 def gradient_cosine(loss_a: Callable[[], torch.Tensor], loss_b: Callable[[], torch.Tensor],
@@ -205,13 +225,15 @@ class SGT:
                                         compute_dtype(cfg.train.precision, device)) \
             if self.policy.needs_reference else None
 
-    def selection(self, batch: dict, key: int) -> Selection:
+    def selection(self, batch: dict, key: int, host_loss_mask: Optional[torch.Tensor] = None) -> Selection:
+        """`host_loss_mask`: the batch's loss mask before it went to the device (counts without a sync)."""
+        counts = None if host_loss_mask is None else selected_counts(host_loss_mask > 0, self.cfg.ratio, self.cfg.scope)
         ref = None
         if self.reference is not None:
             with torch.no_grad():
                 ref = self.reference(batch["tokens"], batch["labels"]).per_token.float()
         return Selection(self.policy, self.cfg.ratio, self.cfg.scope, batch["labels"], batch["loss_mask"] > 0, key,
-                         ref, full_loss=self.cfg.anchor_weight > 0)
+                         ref, full_loss=self.cfg.anchor_weight > 0, counts=counts)
 
     @torch.no_grad()
     def probe_masks(self, module: torch.nn.Module, batch: dict, key: int) -> tuple[torch.Tensor, torch.Tensor]:

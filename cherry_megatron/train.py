@@ -30,7 +30,7 @@ from cherry_megatron.engine import build_engine, resolve_precision
 from cherry_megatron.errors import CheckpointError, TrainingError, cli_errors
 from cherry_megatron.evaluate import window_loss, windows
 from cherry_megatron.metrics import MetricsLogger, peak_tflops
-from cherry_megatron.model import build_model, parameter_count
+from cherry_megatron.model import build_model, compile_blocks, parameter_count
 from cherry_megatron.model.gpt import flops_per_token
 from cherry_megatron.model.pipeline import build_pipeline, eval_sums, pipe_batch, train_loss
 from cherry_megatron.preflight import preflight
@@ -47,6 +47,8 @@ class Trainer:
             # MTP modules added to a model trained without them start from their initialisation.
             fresh = ("mtp.",) if cfg.moee.mtp_depth and not any(k.startswith("mtp.") for k in state) else ()
             load_into(model, state, f"model.init_from={cfg.model.init_from}", fresh)
+        if cfg.train.compile:
+            compile_blocks(model)
         self.pipeline = cfg.parallel.pp > 1
         if self.pipeline:
             topology = distributed.topology(cfg.parallel, layout.world)
@@ -91,9 +93,9 @@ class Trainer:
             norm = self.engine.get_global_grad_norm()
             return float(loss), float(norm) if norm is not None else float("nan"), lr
         total = torch.zeros((), dtype=torch.float64, device=self.layout.device)
-        for micro in range(self.data.grad_accum):
-            b = self.batch(step, micro)
-            select = self.sgt.selection(b, self.data.sample_index(step, micro)) if self.sgt is not None else None
+        for micro, host_mask, b in self.micro_batches(step):
+            select = self.sgt.selection(b, self.data.sample_index(step, micro), host_mask) \
+                if self.sgt is not None else None
             out = self.engine(b["tokens"], b["labels"], select=select, loss_mask=b["loss_mask"])
             loss = losses.next_token_loss(out, b["loss_mask"], self.cfg.sgt.anchor_weight)
             if faults.injected("nan_loss", step + 1):
@@ -122,7 +124,23 @@ class Trainer:
             self.aux_sums[name] = self.aux_sums.get(name, 0.0) + value
 
     def batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.layout.device) for k, v in self.data.micro_batch(step, micro).items()}
+        return self._to_device(self.data.micro_batch(step, micro))
+
+    def _to_device(self, host: dict) -> dict[str, torch.Tensor]:
+        return {k: distributed.to_device(v, self.layout.device) for k, v in host.items()}
+
+    def micro_batches(self, step: int):
+        """(micro, host loss mask, batch on the device) of each micro-batch of a step. The next one is read and
+        its copy queued before the current one is handed out, while the device still runs the last one's
+        kernels (the step has no host syncs to stop that); SGT counts its positions on the host mask."""
+        host = self.data.micro_batch(step, 0)
+        ahead = self._to_device(host)
+        for micro in range(self.data.grad_accum):
+            current, current_mask = ahead, host["loss_mask"]
+            if micro + 1 < self.data.grad_accum:
+                host = self.data.micro_batch(step, micro + 1)
+                ahead = self._to_device(host)
+            yield micro, current_mask, current
 
     def probe(self, step: int) -> dict:
         """gamma and the supervised/unsupervised losses on this step's first micro-batch, before the update."""

@@ -52,7 +52,11 @@ def run_cli(args: list[str], nproc: int = 1, timeout: int = 600, env: dict | Non
     # In-process fixtures (world_of_one) export RANK/MASTER_PORT...; a child must find its own world.
     from cherry_megatron.distributed import child_env
 
+    # Several processes share the 2 cores: one thread each. One process: the cores it may use (no OMP_NUM_THREADS,
+    # which the trainer would respect).
     full_env = child_env({"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})})
+    if nproc == 1 and "OMP_NUM_THREADS" not in (env or {}):
+        del full_env["OMP_NUM_THREADS"]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
         args = ["-m", *args] if args[0] != "-m" else args

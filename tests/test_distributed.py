@@ -58,9 +58,13 @@ def test_threads_follow_the_cores_this_process_may_use(monkeypatch):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
         monkeypatch.setattr(os, "cpu_count", lambda: 64)  # the machine's, not ours
         monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         set_threads(0)
         assert torch.get_num_threads() == 3
-        set_threads(5)  # an explicit train.threads wins
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # an operator's setting is respected
+        set_threads(0)
+        assert torch.get_num_threads() == 2
+        set_threads(5)  # an explicit train.threads wins over both
         assert torch.get_num_threads() == 5
     finally:
         torch.set_num_threads(before)

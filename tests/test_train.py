@@ -140,7 +140,8 @@ def test_run_dir_with_another_config_is_refused(baseline):
 
 def test_deepspeed_configs_use_torchs_adamw_fused_on_gpus_and_build_nothing():
     """No DeepSpeed op is compiled at start-up (FusedAdam needs nvcc, CPUAdam a C++ toolchain): torch's AdamW,
-    with its fused CUDA kernel where the optimizer state is on a GPU. The device is only named, not used."""
+    with its fused CUDA kernel where the optimizer state is on a GPU; ZeRO overlaps its gradient reduction
+    with the backward pass. The device is only named, not used."""
     import torch
 
     from cherry_megatron.engine import deepspeed_config
@@ -148,7 +149,10 @@ def test_deepspeed_configs_use_torchs_adamw_fused_on_gpus_and_build_nothing():
     for stage, ds_config in [(0, ""), (1, ""), (2, ""), (3, ""), (3, "cherry_megatron/ds_configs/zero3_offload.json")]:
         cfg = load_config("tiny", [f"parallel.zero_stage={stage}", f"parallel.ds_config={ds_config}",
                                    "train.precision=fp32"])
-        gpu = deepspeed_config(cfg, 1, torch.device("cuda", 0))["optimizer"]["params"]
+        full = deepspeed_config(cfg, 1, torch.device("cuda", 0))
+        # gradient reduction on its own stream, overlapping the backward pass
+        assert full["zero_optimization"].get("overlap_comm") is (True if stage else None), (stage, ds_config)
+        gpu = full["optimizer"]["params"]
         cpu = deepspeed_config(cfg, 1, torch.device("cpu"))["optimizer"]["params"]
         assert gpu["torch_adam"] is True and cpu["torch_adam"] is True, (stage, ds_config)
         assert gpu.get("fused") is (None if ds_config else True) and "fused" not in cpu, (stage, ds_config)

@@ -26,6 +26,18 @@ def build_model(cfg, params_dtype: torch.dtype = torch.float32) -> GPT:
     return GPT(cfg.model, params_dtype, **options)
 
 
+def compile_blocks(model: torch.nn.Module) -> int:
+    """torch.compile every decoder block in place (`train.compile`), as torchtitan does: one graph per block
+    type, reused by all, and the embedding, head and loss (megatron's vocab-parallel cross-entropy) stay
+    eager. Returns the number of blocks compiled."""
+    from cherry_megatron.model.layers import Block
+
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
 def parameter_count(cfg) -> dict:
     """Analytic counts by part; `total` is what is stored, `active` what one token passes through."""
     if cfg.moee.num_experts:

@@ -142,8 +142,13 @@ class GPT(nn.Module):
             return losses, (None if select is None else mask if mask is not None else select(losses.detach))
         if mask is None:
             mask = select(lambda: self.scoring_losses(h.detach(), labels))
-        picked = self.token_losses(h[mask].unsqueeze(0), labels[mask].unsqueeze(0))[0]
-        return torch.zeros(labels.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked), mask
+        # Index ops with the count known on the host (`select.total`): boolean indexing would stop the host
+        # for the size of its result on every micro-batch.
+        idx = mask.reshape(-1).nonzero_static(size=select.total).squeeze(1)
+        picked = self.token_losses(h.reshape(-1, h.shape[-1]).index_select(0, idx).unsqueeze(0),
+                                   labels.reshape(-1).index_select(0, idx).unsqueeze(0))[0]
+        full = torch.zeros(labels.numel(), dtype=picked.dtype, device=picked.device).index_copy(0, idx, picked)
+        return full.view(labels.shape), mask
 
     def token_losses(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return token_losses(self.logits(h), labels)
