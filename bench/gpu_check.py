@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import resource
 import subprocess
 import sys
@@ -42,10 +43,10 @@ sys.path.insert(0, str(ROOT))
 
 GPU = SimpleNamespace(config="dense-1b-48l", steps=30, sets=[
     "train.micro_batch_size=4", "train.global_batch_size=8", "train.seq_length=2048", "train.precision=bf16",
-    "train.eval_tokens=65536", "train.warmup_steps=10"], sdpa=(4, 2048), moee=["moee.num_experts=4"])
+    "train.eval_tokens=65536", "train.warmup_steps=10"], sdpa=(4, 2048), moee="small")
 CPU = SimpleNamespace(config="tiny", steps=6, sets=[
     "model.num_layers=2", "train.micro_batch_size=2", "train.global_batch_size=4", "train.seq_length=64",
-    "train.precision=fp32", "train.eval_tokens=1024", "train.warmup_steps=2"], sdpa=(2, 256), moee=["moee.num_experts=4"])
+    "train.precision=fp32", "train.eval_tokens=1024", "train.warmup_steps=2"], sdpa=(2, 256), moee="tiny")
 ESTIMATES = {"env": 5, "sdpa": 20, "train": 200, "convert": 80, "evaluate": 40, "moee": 60}
 
 
@@ -55,9 +56,21 @@ def _sync(device):
 
 
 def _peak_memory_gib(device) -> float:
+    """GPU: the allocator's peak since the last reset; CPU: the process's peak resident set."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _memory_base_gib(device) -> float:
+    """What the peak is measured from: 0 after a reset on a GPU; on CPU the resident set before the trainer
+    (libraries, earlier stages), which the peak RSS includes. The planner's figure assumes bf16 weights and
+    gradients, so on CPU (fp32) the ratio is only indicative; on a GPU it is the check."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return 0.0
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**30
 
 
 def stage_env(ctx) -> dict:
@@ -117,7 +130,7 @@ def _top_kernels(prof, gpu: bool, n: int = 8) -> list:
     return [[e.key[:80], round(getattr(e, key) / 1e3, 2)] for e in rows]
 
 
-def _train(ctx, name: str, sets: list[str], steps: int, full: bool) -> dict:
+def _train(ctx, name: str, config: str, sets: list[str], steps: int, full: bool) -> dict:
     """Train in this process (world of one) and measure; `full` adds the profile, plan and checkpoint."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -127,11 +140,11 @@ def _train(ctx, name: str, sets: list[str], steps: int, full: bool) -> dict:
     from cherry_megatron.preflight import preflight
     from cherry_megatron.train import Trainer
 
-    cfg, tokenizer, run_dir = preflight(ctx.mode.config, ctx.mode.sets + sets + [f"train.steps={steps}"],
-                                        ctx.work / name, 1)
+    cfg, tokenizer, run_dir = preflight(config, ctx.mode.sets + sets + [f"train.steps={steps}"], ctx.work / name, 1)
     distributed.set_threads(0)
     layout = distributed.init(cfg.parallel, cfg.train.collective_timeout_s)
     try:
+        base = _memory_base_gib(ctx.device)
         t0 = time.perf_counter()
         trainer = Trainer(cfg, run_dir, layout, tokenizer)
         _sync(ctx.device)
@@ -173,7 +186,8 @@ def _train(ctx, name: str, sets: list[str], steps: int, full: bool) -> dict:
         tokens = cfg.train.global_batch_size * cfg.train.seq_length
         out.update(step_s=round(step_s, 4), tokens_per_s=round(tokens / step_s, 1),
                    mfu=round(tokens / step_s * trainer.flops_per_token / trainer.peak, 4) if math.isfinite(trainer.peak) else None,
-                   loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4), peak_memory_gib=round(_peak_memory_gib(ctx.device), 3))
+                   loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4),
+                   peak_memory_gib=round(_peak_memory_gib(ctx.device) - base, 3))
         if full:
             plan = estimate(cfg, Layout(1, 1, 1, cfg.parallel.zero_stage),
                             SimpleNamespace(activation_checkpointing=bool(cfg.train.activation_checkpointing),
@@ -192,14 +206,14 @@ def _train(ctx, name: str, sets: list[str], steps: int, full: bool) -> dict:
 
 
 def stage_train(ctx) -> dict:
-    return _train(ctx, "dense", [], ctx.mode.steps, full=True)
+    return _train(ctx, "dense", ctx.mode.config, [], ctx.mode.steps, full=True)
 
 
 def stage_moee(ctx) -> dict:
-    sets = [*ctx.mode.moee, "moee.top_k=2", "moee.capacity_factor=1.25", "data.eval_path="]
+    sets = ["moee.num_experts=4", "moee.top_k=2", "moee.capacity_factor=1.25", "data.eval_path="]
     keep = {"init_s", "parameters", "optimizer", "step_s", "tokens_per_s", "mfu", "host_syncs_per_step",
             "host_sync_sites", "cuda_sync_warnings", "loss_first", "loss_last"}
-    return {k: v for k, v in _train(ctx, "moee", sets, 6, full=False).items() if k in keep}
+    return {k: v for k, v in _train(ctx, "moee", ctx.mode.moee, sets, 6, full=False).items() if k in keep}
 
 
 def _child(args: list[str]) -> str:
@@ -271,6 +285,7 @@ def main(argv=None) -> int:
         print("error: no CUDA device visible (run with --cpu for the reduced CPU check)", file=sys.stderr)
         return 2
     start = time.perf_counter()
+    os.chdir(ROOT)  # the presets' data paths are relative to the repo root
     failed = False
     with contextlib.ExitStack() as stack:
         work = Path(args.work) if args.work else Path(stack.enter_context(tempfile.TemporaryDirectory()))

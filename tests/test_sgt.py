@@ -176,3 +176,5 @@ def test_excess_policy_with_a_reference_and_shuffled_control(corpus, tmp_path, w
         assert row_mask.sum() == selected_count(0.15, len(row_excess))
         assert row_excess[row_mask].min() >= row_excess[~row_mask].max() - 1e-5
     assert not torch.equal(mask, select_top(current, valid, 0.15, "sequence"))  # the reference changed the choice
+    cfg.train.precision = "bf16"  # a bf16 run scores against a bf16 reference: its own training precision
+    assert {p.dtype for p in SGT(cfg, None, torch.device("cpu")).reference.parameters()} == {torch.bfloat16}

@@ -115,6 +115,7 @@ def test_dry_run_prints_the_script_and_writes_nothing(cluster, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     script = proc.stdout
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --time=1:00:00",
-                 "#SBATCH --signal=USR1@120", "#SBATCH --requeue", "scontrol requeue", "srun --kill-on-bad-exit=1"):
+                 "#SBATCH --signal=USR1@120", "#SBATCH --requeue", "scontrol requeue", "srun --kill-on-bad-exit=1",
+                 "export CUDA_DEVICE_MAX_CONNECTIONS=1"):
         assert line in script, line
     assert "{{" not in script and not (tmp_path / "run").exists()
