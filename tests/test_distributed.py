@@ -93,3 +93,36 @@ def test_collective_timeout_must_be_below_the_watchdog():
     with pytest.raises(ConfigError, match="collective_timeout_s=2000 must be > 0 and below train.step_timeout_s=1800"):
         load_config("tiny", ["train.collective_timeout_s=2000"])
     load_config("tiny", ["train.collective_timeout_s=2000", "train.step_timeout_s=0"])  # no watchdog: any
+
+
+def test_megatron_builds_its_gloo_copies_of_the_groups_only_on_a_gloo_world(monkeypatch):
+    """On nccl worlds megatron's extra gloo groups are unused and hang at creation on multi-NIC nodes without
+    GLOO_SOCKET_IFNAME: not asked for there. The world is gloo (CPU); its backend's name is faked for the second
+    call, and megatron's initialisation is recorded, not run, for both."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from cherry_megatron import distributed
+    from cherry_megatron.config import ParallelConfig
+
+    class Recorded(Exception):
+        pass
+
+    asked = []
+
+    def record(**kwargs):
+        asked.append(kwargs)
+        raise Recorded
+
+    monkeypatch.setattr(parallel_state, "initialize_model_parallel", record)
+    monkeypatch.setattr(parallel_state, "model_parallel_is_initialized", lambda: False)
+    try:
+        for backend in ("gloo", "nccl"):
+            monkeypatch.setattr(dist, "get_backend", lambda *a, backend=backend: backend)
+            with pytest.raises(Recorded):
+                distributed.init(ParallelConfig(tp=1), timeout_s=90)
+    finally:
+        monkeypatch.undo()
+        distributed.shutdown()
+    assert [kw["create_gloo_process_groups"] for kw in asked] == [True, False]
+    assert asked[0]["distributed_timeout_minutes"] == 2  # 90 s, in megatron's whole minutes
