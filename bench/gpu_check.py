@@ -191,6 +191,7 @@ def _train(ctx, name: str, config: str, sets: list[str], steps: int, full: bool)
         if full:
             plan = estimate(cfg, Layout(1, 1, 1, cfg.parallel.zero_stage),
                             SimpleNamespace(activation_checkpointing=bool(cfg.train.activation_checkpointing),
+                                            precision=ctx.precision,
                                             gpus_per_node=1, intra_gbps=200.0, inter_gbps=25.0, peak_tflops=989.0,
                                             mfu=0.4, gpu_memory_gib=1e9))
             out["plan_total_gib"] = round(plan["total_gib"], 3)

@@ -53,6 +53,7 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     pipeline_partition: str = "layers"  # layers: equal block counts per stage; parameters: equal parameter counts
+    zero_init: bool = True  # ZeRO-3: build each module's weights partitioned (deepspeed.zero.Init); same weights
     zero_stage: int = 1
     ds_config: str = ""  # a DeepSpeed JSON; "" picks ds_configs/zero{zero_stage}.json
     backend: str = "auto"  # auto: nccl with CUDA, gloo otherwise
@@ -95,6 +96,7 @@ class TrainConfig:
     collective_timeout_s: float = 600.0
     precision: str = "auto"  # auto: bf16 on GPUs that have it, fp32 elsewhere; or fp32/bf16/fp16
     peak_tflops: float = 0.0  # per process, for MFU; 0: looked up for the device
+    memory_limit_gib: float = 0.0  # per rank: refuse a layout cherry-plan estimates above it; 0: no check
     threads: int = 0  # torch threads per process; 0: cores / local processes
     activation_checkpointing: int = 0  # recompute activations in backward: 0 none, 1 every layer, n every n-th
     compile: bool = False  # torch.compile each block (bench/compile_step.py measures it against eager)
@@ -168,7 +170,8 @@ class Config:
 RESUMABLE_KEYS = {"train.steps", "train.exit_at_step", "train.log_interval", "train.eval_interval",
                   "train.save_interval", "train.eval_tokens", "train.threads", "train.peak_tflops",
                   "data.cache_dir", "parallel.backend", "sgt.probe_interval", "train.activation_checkpointing",
-                  "train.compile", "train.max_nan_steps", "train.step_timeout_s", "train.collective_timeout_s"}
+                  "train.compile", "parallel.zero_init",
+                  "train.memory_limit_gib", "train.max_nan_steps", "train.step_timeout_s", "train.collective_timeout_s"}
 
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:

@@ -116,8 +116,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
     decay, no_decay = [], []
     for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+        if p.requires_grad:  # a weight zero.Init partitioned is an empty 1-D tensor: its shape is `ds_shape`
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
               {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
     if any(is_moe_param(p) for p in decay + no_decay):
@@ -129,6 +129,22 @@ def engine_args(device: torch.device):
     """What deepspeed.initialize takes as `args`: on a GPU the ordinal `distributed.select_device` chose, or
     DeepSpeed sets LOCAL_RANK as the device, an invalid ordinal when each task sees one GPU; None elsewhere."""
     return argparse.Namespace(device_rank=device.index) if device.type == "cuda" else None
+
+
+def partitioned_build(build, cfg: Config, dp: int, device: torch.device, dp_group) -> torch.nn.Module:
+    """`build()` under DeepSpeed's `zero.Init` at ZeRO-3 (no pipeline): each module's weights are made whole,
+    initialised from the seeded RNG exactly as without it, and cut to this rank's partition as soon as that
+    module's constructor returns, so a rank holds its partitions plus one module's full weights, never the
+    model. Other stages build whole (ZeRO-1/2 keep full weights on every rank anyway); `parallel.zero_init:
+    false` builds whole at ZeRO-3 too (DeepSpeed partitions the built model then)."""
+    if cfg.parallel.zero_stage != 3 or cfg.parallel.pp > 1 or not cfg.parallel.zero_init:
+        return build()
+    # No `dtype=`: given explicitly, 0.19.8 takes bf16 on any accelerator without fp16 (CPU included) whatever
+    # was asked (operator precedence in `Init._set_dtype`); from the config's bf16/fp16 flags it is right.
+    # `mpu`: the config's batch sizes are checked against the DP size, not the world's.
+    with deepspeed.zero.Init(data_parallel_group=dp_group, config_dict_or_path=deepspeed_config(cfg, dp, device),
+                             mpu=MegatronMPU()):
+        return build()
 
 
 def build_engine(model: torch.nn.Module, cfg: Config, dp: int, device: torch.device, load_universal: bool = False):

@@ -1,6 +1,7 @@
 """Run logging: one JSON object per logged step in metrics.jsonl, the same scalars in TensorBoard."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -34,6 +35,52 @@ def peak_tflops(device: torch.device, precision: str, override: float) -> float:
         peaks = GPU_PEAK_TFLOPS.get(torch.cuda.get_device_name(device).strip())
         return peaks["fp32" if precision == "fp32" else "bf16"] if peaks else float("nan")
     return CPU_PEAK_TFLOPS_PER_THREAD * torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def returning_freed_memory():
+    """Set-up (model build, DeepSpeed's partitioning) with freed blocks returned to the system. glibc serves
+    blocks under its mmap threshold (raised after each large free, up to 32 MiB) from the heap and keeps them
+    resident once freed; weights built whole and cut to a partition, layer by layer, then leave the heap as
+    fragmented as the full model was big. A 1 MiB threshold while setting up maps such blocks apart and unmaps
+    them on free; after it, 32 MiB (glibc's own ceiling; a lower one costs ~35% of a CPU step in page faults)
+    and one `malloc_trim`. No-op without glibc, or where MALLOC_MMAP_THRESHOLD_ is set (then it holds all along:
+    1048576 keeps a CPU run's peak near what is live, at ~35% of its step time)."""
+    import ctypes
+    import os
+
+    libc = None
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # an operator's setting stays in force throughout
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        except (OSError, AttributeError):
+            libc = None
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.mallopt(-3, 32 << 20)
+            libc.malloc_trim(0)
+
+
+def memory_gib(device: torch.device) -> float:
+    """This process's peak memory so far: the allocator's `max_memory_allocated` on a GPU, the peak resident set
+    on CPU (where model, optimizer and DeepSpeed's buffers all live in host memory). There glibc keeps freed
+    blocks under 32 MiB resident for reuse (see `returning_freed_memory`), so the peak is what the process
+    held, a little above what was live at once."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def base_memory_gib(device: torch.device) -> float:
+    """What a run's peak is measured from, taken before the model is built: on CPU the peak resident set so far
+    (the interpreter, torch, DeepSpeed, megatron; the peak, not the current set, so that a transient of the
+    imports is not counted as the run's); on a GPU 0 (the allocator counts only tensors)."""
+    return 0.0 if device.type == "cuda" else memory_gib(device)
 
 
 def _fmt(key: str, value) -> str:

@@ -9,6 +9,7 @@ same run dir resumes from checkpoints/latest with the same data order.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -26,36 +27,42 @@ from cherry_megatron.config import Config
 from cherry_megatron.convert.load import load_consolidated
 from cherry_megatron.data.gpt_data import TrainData
 from cherry_megatron.data.indexed import token_stream
-from cherry_megatron.engine import build_engine, resolve_precision
+from cherry_megatron.engine import build_engine, partitioned_build, resolve_precision
 from cherry_megatron.errors import CheckpointError, TrainingError, cli_errors
 from cherry_megatron.evaluate import window_loss, windows
-from cherry_megatron.metrics import MetricsLogger, peak_tflops
+from cherry_megatron.metrics import MetricsLogger, base_memory_gib, memory_gib, peak_tflops, returning_freed_memory
 from cherry_megatron.model import build_model, compile_blocks, parameter_count
 from cherry_megatron.model.gpt import flops_per_token
-from cherry_megatron.model.pipeline import build_pipeline, eval_sums, pipe_batch, train_loss
+from cherry_megatron.model.pipeline import build_pipeline, eval_sums, local_blocks_only, pipe_batch, train_loss
 from cherry_megatron.preflight import preflight
 
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, layout: distributed.Layout, tokenizer):
         self.cfg, self.run_dir, self.layout = cfg, run_dir, layout
+        self.base_memory = base_memory_gib(layout.device)  # before any weight exists
         self.dp_group = parallel_state.get_data_parallel_group()
         torch.manual_seed(cfg.train.seed)  # same seed on every rank: TP slices of one master weight
-        model = build_model(cfg)
+        # ZeRO-3: each rank keeps only its partition of every weight, as soon as the weight's module is built.
+        self.pipeline = cfg.parallel.pp > 1
+        topology = distributed.topology(cfg.parallel, layout.world) if self.pipeline else None
+        with returning_freed_memory(), (local_blocks_only(cfg, topology, layout.rank) if self.pipeline
+                                        else contextlib.nullcontext()):
+            model = partitioned_build(lambda: build_model(cfg), cfg, layout.dp, layout.device, self.dp_group)
+        self.model_memory = self.memory()["peak_memory_gib"] - self.base_memory  # the build's own peak
         if cfg.model.init_from:
             state = load_consolidated(cfg.model.init_from)[0]
             # MTP modules added to a model trained without them start from their initialisation.
             fresh = ("mtp.",) if cfg.moee.mtp_depth and not any(k.startswith("mtp.") for k in state) else ()
-            load_into(model, state, f"model.init_from={cfg.model.init_from}", fresh)
+            load_into(model, state, f"model.init_from={cfg.model.init_from}", fresh, self.dp_group)
         if cfg.train.compile:
             compile_blocks(model)
-        self.pipeline = cfg.parallel.pp > 1
         if self.pipeline:
-            topology = distributed.topology(cfg.parallel, layout.world)
             distributed.check_topology(topology)
             model = build_pipeline(cfg, topology, model)
         self.universal = bool(cfg.train.universal_from) and latest_tag(checkpoint_dir(run_dir)) is None
-        self.engine, self.ds_config = build_engine(model, cfg, layout.dp, layout.device, self.universal)
+        with returning_freed_memory():
+            self.engine, self.ds_config = build_engine(model, cfg, layout.dp, layout.device, self.universal)
         cache = cfg.data.cache_dir or str(run_dir / "data_cache")
         self.data = TrainData(cfg, tokenizer, layout.dp_rank, layout.dp, cache)
         self.eval_stream = token_stream(cfg.data.eval_path) if cfg.data.eval_path else None
@@ -75,12 +82,15 @@ class Trainer:
         self.gamma_sum, self.gamma_n = 0.0, 0
         self.nan_run, self.saved_step = 0, 0
         self.aux_sums: dict[str, torch.Tensor] = {}
+        memory = self.memory()  # every rank: the maximum is a collective
         if self.is_logger:
             counts = parameter_count(cfg)
             active = f" ({counts['active']:,} active per token)" if counts["active"] != counts["total"] else ""
             print(f"model {cfg.name}: {counts['total']:,} parameters{active} | world {layout.world} = "
                   f"tp {layout.tp} x dp {layout.dp} | zero {cfg.parallel.zero_stage} | {precision} on "
-                  f"{layout.device.type} | grad accum {self.data.grad_accum} | run dir {run_dir}", flush=True)
+                  f"{layout.device.type} | grad accum {self.data.grad_accum} | base memory "
+                  f"{memory['base_memory_gib']:.2f} GiB, peak after set-up {memory['peak_memory_gib']:.2f} GiB "
+                  f"| run dir {run_dir}", flush=True)
 
     def step(self, step: int) -> tuple[float, float, float]:
         """One optimizer step over all micro-batches: (mean loss over DP, grad norm, lr used)."""
@@ -167,6 +177,15 @@ class Trainer:
                 "probe_sup_loss": probe["sup_loss"], "probe_unsup_loss": probe["unsup_loss"],
                 "probe_sup_delta": after["sup_loss"] - probe["sup_loss"],
                 "probe_unsup_delta": after["unsup_loss"] - probe["unsup_loss"]}
+
+    def memory(self) -> dict:
+        """Peak memory and what it is measured from (`metrics.memory_gib`, `base_memory_gib`), the largest over
+        ranks: comparable with `cherry-plan`'s per-rank estimate as peak - base."""
+        x = torch.tensor([memory_gib(self.layout.device), self.base_memory], dtype=torch.float64,
+                         device=self.layout.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(x, op=dist.ReduceOp.MAX)
+        return {"peak_memory_gib": x[0].item(), "base_memory_gib": x[1].item()}
 
     def _dp_mean(self, x: torch.Tensor) -> float:
         x = x.detach().double().clone()
@@ -278,7 +297,8 @@ class Trainer:
             n, tps = window["steps"], window["steps"] * self.tokens_per_step / window["time"]
             self.metrics.log(step, loss=window["loss"] / n, lr=lr, grad_norm=grad_norm, tokens_per_s=tps,
                              mfu=tps * self.flops_per_token / self.peak, consumed_tokens=step * self.tokens_per_step,
-                             step_time_s=window["time"] / n, **{k: self._dp_mean(v) / n for k, v in self.aux_sums.items()})
+                             step_time_s=window["time"] / n, **self.memory(),
+                             **{k: self._dp_mean(v) / n for k, v in self.aux_sums.items()})
             self.aux_sums = {}
             summary.update(loss=window["loss"] / n, tokens_per_s=tps)
             window.update(loss=0.0, steps=0, time=0.0)
@@ -304,6 +324,9 @@ class Trainer:
         t = self.cfg.train
         start = self.resume()
         self.saved_step = start
+        setup = self.memory()  # after building, partitioning and loading, before any step
+        self.metrics.log(start, setup_peak_memory_gib=setup["peak_memory_gib"], base_memory_gib=setup["base_memory_gib"],
+                         build_memory_gib=self.model_memory)
         summary = {"start_step": start}
         watchdog = faults.StepWatchdog(t.step_timeout_s)
         if start == 0 and self.eval_stream is not None:

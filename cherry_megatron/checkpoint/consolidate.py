@@ -67,10 +67,12 @@ def save_consolidated(out_dir: str | Path, state: dict[str, torch.Tensor], cfg_d
     tmp.rename(out_dir)
 
 
-def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, fresh: tuple[str, ...] = ()) -> None:
+def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, fresh: tuple[str, ...] = (),
+              dp_group=None) -> None:
     """Load a full (TP=1) state dict into this rank's slice of `model`; a checkpoint of another model
     shape is one clear error, not a traceback. Parameters under the `fresh` prefixes may be missing
-    from the checkpoint (modules added for this run, e.g. MTP); they keep their initialisation."""
+    from the checkpoint (modules added for this run, e.g. MTP); they keep their initialisation. A model
+    built under ZeRO-3's `zero.Init` (weights partitioned over `dp_group`) is loaded one gathered weight at a time."""
 
     # Split as this model's own parameters are; a name it lacks passes whole and is reported below.
     table = model_layout(model)
@@ -78,6 +80,8 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
                      parallel_state.get_tensor_model_parallel_rank(), lambda n: table.get(key(n)))
     if hasattr(model, "localize_state"):  # routed models keep only this rank's experts
         local = model.localize_state(local)
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        return _load_partitioned(model, local, source, fresh, dp_group)
     try:
         missing, unexpected = model.load_state_dict(local, strict=False)
     except RuntimeError as e:  # size mismatches
@@ -86,6 +90,28 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
     missing = [k for k in missing if not k.endswith("_extra_state") and not k.startswith(fresh)]
     if missing or unexpected:
         raise CheckpointError(f"{source} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def _load_partitioned(model, local: dict, source: str, fresh: tuple[str, ...], dp_group) -> None:
+    """Each partitioned weight gathered whole, written by every rank from the same full state, re-partitioned
+    on release: one weight's full size at a time. (load_state_dict would see the empty partition tensors.)"""
+    import deepspeed
+    import torch.distributed as dist
+
+    names = dict(model.named_parameters())
+    missing = [n for n in names if n not in local and not n.startswith(fresh)]
+    unexpected = [n for n in local if n not in names and not n.endswith("_extra_state")]
+    if missing or unexpected:
+        raise CheckpointError(f"{source} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    wrong = next((n for n, p in names.items() if n in local and tuple(local[n].shape) != tuple(p.ds_shape)), None)
+    if wrong:
+        raise CheckpointError(f"{source} is a checkpoint of another model shape: {wrong} is "
+                              f"{tuple(local[wrong].shape)}, the model's {tuple(names[wrong].ds_shape)}")
+    first = dist.get_global_rank(dp_group, 0) if dp_group is not None else 0
+    for name, p in names.items():
+        if name in local:
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=first):
+                p.data.copy_(local[name])
 
 
 def build_loaded(cfg, state: dict[str, torch.Tensor], source: str) -> torch.nn.Module:

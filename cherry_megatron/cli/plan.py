@@ -5,12 +5,16 @@ layout it recommends.
         [--micro-batch-size B] [--seq-length S] [--global-batch-size GB] [--activation-checkpointing]
         [--pipeline-partition layers|parameters] [--json]
 
-The model, per GPU, bf16 training with fp32 Adam (DeepSpeed's mixed precision):
+The model, per GPU (or CPU rank), training with Adam under DeepSpeed, `--precision bf16` (default) or fp32:
   parameters   of the most loaded pipeline stage, split as the trainer splits them: stages by
                DeepSpeed's own `partition_balanced` over blocks or over parameters, as the trainer cuts
                them (`--pipeline-partition`, default the config's), TP-split weights / tp, norms whole;
-  memory       weights 2 B, gradients 2 B, optimizer 12 B (fp32 master, m, v) per parameter, divided
-               by dp where ZeRO partitions them (stage 1: optimizer; 2: + gradients; 3: + weights);
+  memory       weights and gradients 2 B (bf16) or 4 B (fp32), optimizer 12 B (fp32 master copy, m, v; ZeRO
+               >= 1 keeps the master apart even in fp32, ZeRO-0 fp32 steps the weights: 8 B) per parameter,
+               divided by dp where ZeRO partitions them (stage 1: optimizer; 2: + gradients; 3: + weights);
+               buffers: DeepSpeed's reduce and all-gather (ZeRO-1/2) or live gathered-weight (ZeRO-3) buckets
+               from the stage's ds_config JSON, and where torch's AdamW is not fused (CPU) the step's two
+               temporaries of the largest flat partition (ZeRO-3: of a sub-group at most);
                activations s·b·h·(10 + 24/tp) B per layer and micro-batch (Korthikanti et al. 2022 with
                flash attention: no s² term), times the pp micro-batches in flight on the first stage
                (1F1B); with checkpointing 2·s·b·h B per layer plus one layer's full set; fp32 logits
@@ -102,15 +106,17 @@ def estimate(cfg, lay: Layout, args) -> dict:
     bounds = stage_bounds(m, lay.tp, lay.pp, part)
     # Blocks on the busiest stage (the embedding and head layers count as none).
     layers = max(len(set(range(lo, hi)) & set(range(1, m.num_layers + 1))) for lo, hi in zip(bounds, bounds[1:]))
-    weights = 2 * params / (lay.dp if lay.zero >= 3 else 1)
-    grads = 2 * params / (lay.dp if lay.zero >= 2 else 1)
-    optim = 12 * params / (lay.dp if lay.zero >= 1 else 1)
-    per_layer_act = s * b * h * (10 + 24 / lay.tp)
+    w = 4 if args.precision == "fp32" else 2
+    weights = w * params / (lay.dp if lay.zero >= 3 else 1)
+    grads = w * params / (lay.dp if lay.zero >= 2 else 1)
+    optim = (12 if lay.zero >= 1 or w == 2 else 8) * params / (lay.dp if lay.zero >= 1 else 1)
+    buffers = _buffers(cfg, lay, params, w, args.precision)
+    per_layer_act = s * b * h * (10 + 24 / lay.tp) * w / 2  # Korthikanti's bytes are for 2-byte activations
     in_flight = min(lay.pp, micro)
     act = in_flight * layers * (2 * s * b * h if args.activation_checkpointing else per_layer_act)
     act += per_layer_act if args.activation_checkpointing else 0
     logits = 8 * s * b * v / lay.tp
-    total = weights + grads + optim + act + logits
+    total = weights + grads + optim + act + logits + buffers
     ring = lambda n: 2 * (n - 1) / n if n > 1 else 0.0  # noqa: E731
     tp_bytes = micro * layers * 4 * ring(lay.tp) * s * b * h * 2
     dp_bytes = ring(lay.dp) * 2 * params * (1.5 if lay.zero == 3 else 1.0)
@@ -129,9 +135,33 @@ def estimate(cfg, lay: Layout, args) -> dict:
         pp_bytes / (pp_bw * 1e9)
     return {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "zero": lay.zero, "params_per_gpu": params,
             "weights_gib": weights / GIB, "grads_gib": grads / GIB, "optimizer_gib": optim / GIB,
-            "activations_gib": (act + logits) / GIB, "total_gib": total / GIB,
+            "activations_gib": (act + logits) / GIB, "buffers_gib": buffers / GIB, "total_gib": total / GIB,
             "tp_gb": tp_bytes / 1e9, "dp_gb": dp_bytes / 1e9, "pp_gb": pp_bytes / 1e9, "bubble": bubble,
             "step_s": seconds, "fits": total <= args.gpu_memory_gib * GIB * 0.9}
+
+
+def _buffers(cfg, lay: Layout, params: int, w: int, precision: str) -> float:
+    """DeepSpeed's communication buckets (elements from the stage's JSON, in the weights' dtype) plus the
+    optimizer step's temporaries where torch's AdamW runs unfused (CPU): its `exp_avg_sq.sqrt() / c` makes two
+    tensors the size of the flat partition it steps (ZeRO-3 steps sub-groups of `sub_group_size` at most)."""
+    from cherry_megatron.engine import DS_CONFIG_DIR
+
+    path = cfg.parallel.ds_config or DS_CONFIG_DIR / f"zero{lay.zero}.json"
+    zero = json.loads(open(path).read()).get("zero_optimization", {}) if lay.zero else {}
+    num = lambda key, default: zero.get(key, default) if isinstance(zero.get(key, default), (int, float)) else default  # noqa: E731
+    if lay.zero == 3:
+        # gathered weights kept alive between uses: up to max_live_parameters (DeepSpeed's default 1e9)
+        buckets = num("reduce_bucket_size", 5e8) + max(num("stage3_prefetch_bucket_size", 5e7),
+                                                       num("stage3_max_live_parameters", 1e9))
+    elif lay.zero:
+        buckets = num("reduce_bucket_size", 5e8) + num("allgather_bucket_size", 5e8)
+    else:
+        buckets = 0
+    partition = params / (lay.dp if lay.zero else 1)
+    if lay.zero == 3:
+        partition = min(partition, num("sub_group_size", 1e9))
+    unfused = precision == "fp32"  # the trainer's fp32 runs are CPU runs (torch's fused AdamW is for CUDA there)
+    return w * min(buckets, params) + (2 * 4 * partition if unfused else 0)
 
 
 def main(argv=None) -> None:
@@ -145,6 +175,10 @@ def main(argv=None) -> None:
     p.add_argument("--global-batch-size", type=int, default=0)
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--pipeline-partition", choices=("layers", "parameters"), default="")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                   help="weights/gradients/activations in bf16 (GPUs) or fp32 (CPU runs)")
+    p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config overrides as the trainer takes them (model.vocab_size=0: the tokenizer's)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="per GPU, bf16 dense (H100 SXM)")
     p.add_argument("--mfu", type=float, default=0.4)
     p.add_argument("--intra-gbps", type=float, default=200.0, help="GB/s per GPU inside a node (NVLink)")
@@ -158,18 +192,23 @@ def main(argv=None) -> None:
     with cli_errors(), contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         from cherry_megatron.config import load_config
         from cherry_megatron.errors import ConfigError
-        from cherry_megatron.model.gpt import pad_vocab
 
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, args.overrides)
         cfg.parallel.pipeline_partition = args.pipeline_partition or cfg.parallel.pipeline_partition
+        args.activation_checkpointing = args.activation_checkpointing or cfg.train.activation_checkpointing > 0
         if cfg.recurrent.num_blocks or cfg.moee.num_experts:
             raise ConfigError("cherry-plan models dense presets only (as the pipeline does)")
         t = cfg.train
         t.micro_batch_size = args.micro_batch_size or t.micro_batch_size
         t.seq_length = args.seq_length or t.seq_length
         t.global_batch_size = args.global_batch_size or t.global_batch_size
-        if cfg.model.vocab_size == 0:
-            cfg.model.vocab_size = pad_vocab(8192, cfg.model.make_vocab_size_divisible_by, 1)
+        if cfg.model.vocab_size == 0:  # the tokenizer's, padded as the trainer pads it
+            from cherry_megatron.data.tokenizer import load_tokenizer
+            from cherry_megatron.model.gpt import pad_vocab
+
+            m = cfg.model
+            m.vocab_size = pad_vocab(load_tokenizer(cfg.data.tokenizer_model).vocab_size,
+                                     m.make_vocab_size_divisible_by, cfg.parallel.tp)
         gpus = args.nodes * args.gpus_per_node
         rows = [estimate(cfg, lay, args) for lay in layouts(cfg, gpus, args.gpus_per_node)]
         if not rows:
@@ -185,10 +224,10 @@ def main(argv=None) -> None:
             print(f"{cfg.name} on {args.nodes} x {args.gpus_per_node} GPUs, {args.gpu_memory_gib:g} GiB each | "
                   f"micro {t.micro_batch_size} x seq {t.seq_length}, global batch {t.global_batch_size}")
             print(f"{'tp':>3}{'pp':>3}{'dp':>4}{'zero':>5}{'params/GPU':>14}{'weights':>9}{'grads':>8}{'optim':>8}"
-                  f"{'activ':>8}{'total GiB':>10}{'TP GB':>8}{'DP GB':>8}{'PP GB':>7}{'bubble':>7}{'est s':>8}  fits")
+                  f"{'activ':>8}{'buffers':>8}{'total GiB':>10}{'TP GB':>8}{'DP GB':>8}{'PP GB':>7}{'bubble':>7}{'est s':>8}  fits")
             for r in rows:
                 print(f"{r['tp']:>3}{r['pp']:>3}{r['dp']:>4}{r['zero']:>5}{r['params_per_gpu']:>14,}"
-                      f"{r['weights_gib']:>9.2f}{r['grads_gib']:>8.2f}{r['optimizer_gib']:>8.2f}{r['activations_gib']:>8.2f}"
+                      f"{r['weights_gib']:>9.2f}{r['grads_gib']:>8.2f}{r['optimizer_gib']:>8.2f}{r['activations_gib']:>8.2f}{r['buffers_gib']:>8.2f}"
                       f"{r['total_gib']:>10.2f}{r['tp_gb']:>8.2f}{r['dp_gb']:>8.2f}{r['pp_gb']:>7.2f}{r['bubble']:>7.2f}"
                       f"{r['step_s']:>8.2f}  {'yes' if r['fits'] else 'no'}")
         if best is None:

@@ -14,6 +14,7 @@ mask when an MTP head needs them. Early-exit losses and SGT do not run in a pipe
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -193,6 +194,43 @@ def pipe_batch(b: dict, cfg) -> tuple:
 
 
 PARTITIONS = {"layers": "type:BlockStage", "parameters": "parameters"}
+
+
+@contextlib.contextmanager
+def local_blocks_only(cfg, topology, rank: int):
+    """Building a dense model for a pipeline stage: every decoder block is still constructed, so its weights
+    draw from the RNG as at any other layout, but a block outside this rank's stage is emptied onto the meta
+    device as soon as it is registered; the rank never holds the other stages' weights. The stage bounds are
+    DeepSpeed's own partition (`cherry-plan`'s `stage_bounds`, tested against the built pipeline). Recurrent
+    and routed models (blocks shared or tied across stages) build whole."""
+    if cfg.recurrent.num_blocks or cfg.moee.num_experts:
+        yield
+        return
+    from cherry_megatron.cli.plan import stage_bounds
+    from cherry_megatron.model.layers import Block
+
+    p, stage = cfg.parallel, topology.get_coord(rank).pipe
+    lo, hi = stage_bounds(cfg.model, p.tp, p.pp, p.pipeline_partition)[stage:][:2]
+    keep = {i - 1 for i in range(lo, hi)}  # layer i + 1 of [embed, blocks..., head] is block i
+    # The embedding also serves the last stage when tied to the head or read by MTP.
+    drop = {"head"} if stage < p.pp - 1 else set()
+    if stage > 0 and not cfg.model.tie_embeddings and not cfg.moee.mtp_depth:
+        drop.add("embed")
+    seen = []
+
+    def hook(module, name, sub):
+        if isinstance(module, nn.ModuleList) and isinstance(sub, Block):
+            seen.append(name)
+            if len(seen) - 1 < cfg.model.num_layers and len(seen) - 1 not in keep:
+                sub.to("meta")
+        elif name in drop and not isinstance(module, nn.ModuleList) and hasattr(module, "units"):
+            sub.to("meta")  # the model's own embedding or head, on a stage without it
+
+    handle = torch.nn.modules.module.register_module_module_registration_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def build_pipeline(cfg, topology, model=None):
