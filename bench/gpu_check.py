@@ -26,7 +26,6 @@ import contextlib
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -55,22 +54,14 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _peak_memory_gib(device) -> float:
-    """GPU: the allocator's peak since the last reset; CPU: the process's peak resident set."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
 def _memory_base_gib(device) -> float:
-    """What the peak is measured from: 0 after a reset on a GPU; on CPU the resident set before the trainer
-    (libraries, earlier stages), which the peak RSS includes. The planner's figure assumes bf16 weights and
-    gradients, so on CPU (fp32) the ratio is only indicative; on a GPU it is the check."""
+    """What the peak is measured from: 0 after a reset on a GPU; on CPU the peak resident set before the trainer
+    (libraries, earlier stages), which the peak RSS includes (`metrics.base_memory_gib`)."""
+    from cherry_megatron.metrics import base_memory_gib
+
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        return 0.0
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**30
+    return base_memory_gib(device)
 
 
 def stage_env(ctx) -> dict:
@@ -137,6 +128,7 @@ def _train(ctx, name: str, config: str, sets: list[str], steps: int, full: bool)
     from cherry_megatron import distributed
     from cherry_megatron.cli.plan import Layout, estimate
     from cherry_megatron.host_syncs import HostSyncs
+    from cherry_megatron.metrics import memory_gib
     from cherry_megatron.preflight import preflight
     from cherry_megatron.train import Trainer
 
@@ -187,7 +179,7 @@ def _train(ctx, name: str, config: str, sets: list[str], steps: int, full: bool)
         out.update(step_s=round(step_s, 4), tokens_per_s=round(tokens / step_s, 1),
                    mfu=round(tokens / step_s * trainer.flops_per_token / trainer.peak, 4) if math.isfinite(trainer.peak) else None,
                    loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4),
-                   peak_memory_gib=round(_peak_memory_gib(ctx.device) - base, 3))
+                   peak_memory_gib=round(memory_gib(ctx.device) - base, 3))
         if full:
             plan = estimate(cfg, Layout(1, 1, 1, cfg.parallel.zero_stage),
                             SimpleNamespace(activation_checkpointing=bool(cfg.train.activation_checkpointing),
