@@ -126,7 +126,7 @@ def _train(ctx, name: str, config: str, sets: list[str], steps: int, full: bool)
     from torch.profiler import ProfilerActivity, profile
 
     from cherry_megatron import distributed
-    from cherry_megatron.cli.plan import Layout, estimate
+    from cherry_megatron.cli.plan import Layout, memory_estimate
     from cherry_megatron.host_syncs import HostSyncs
     from cherry_megatron.metrics import memory_gib
     from cherry_megatron.preflight import preflight
@@ -140,7 +140,9 @@ def _train(ctx, name: str, config: str, sets: list[str], steps: int, full: bool)
         t0 = time.perf_counter()
         trainer = Trainer(cfg, run_dir, layout, tokenizer)
         _sync(ctx.device)
-        out = {"init_s": round(time.perf_counter() - t0, 2), "parameters": sum(p.numel() for p in trainer.engine.module.parameters()),
+        module = trainer.engine.module  # a ZeRO-3 partitioned weight's own numel is its partition's
+        out = {"init_s": round(time.perf_counter() - t0, 2),
+               "parameters": sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters()),
                "optimizer": type(trainer.engine.optimizer).__name__,
                "base_optimizer": type(getattr(trainer.engine.optimizer, "optimizer", trainer.engine.optimizer)).__name__,
                "data_types": [str(d).split(".")[1] for d in trainer.engine.get_data_types()],
@@ -181,11 +183,7 @@ def _train(ctx, name: str, config: str, sets: list[str], steps: int, full: bool)
                    loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4),
                    peak_memory_gib=round(memory_gib(ctx.device) - base, 3))
         if full:
-            plan = estimate(cfg, Layout(1, 1, 1, cfg.parallel.zero_stage),
-                            SimpleNamespace(activation_checkpointing=bool(cfg.train.activation_checkpointing),
-                                            precision=ctx.precision,
-                                            gpus_per_node=1, intra_gbps=200.0, inter_gbps=25.0, peak_tflops=989.0,
-                                            mfu=0.4, gpu_memory_gib=1e9))
+            plan = memory_estimate(cfg, Layout(1, 1, 1, cfg.parallel.zero_stage), ctx.precision)
             out["plan_total_gib"] = round(plan["total_gib"], 3)
             out["memory_vs_plan"] = round(out["peak_memory_gib"] / plan["total_gib"], 3)
             t = time.perf_counter()

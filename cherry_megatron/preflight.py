@@ -5,7 +5,6 @@ so a job that would fail at start is refused at submission."""
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 from megatron.core.datasets.utils import get_blend_from_list
 
@@ -38,19 +37,16 @@ def check_memory(cfg: Config, world_size: int) -> None:
         raise ConfigError("train.memory_limit_gib: the planner models dense models only; set it to 0 for this model")
     import torch
 
-    from cherry_megatron.cli.plan import Layout, estimate
+    from cherry_megatron.cli.plan import Layout, memory_estimate
     from cherry_megatron.engine import resolve_precision
 
     p = cfg.parallel
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    args = SimpleNamespace(activation_checkpointing=cfg.train.activation_checkpointing > 0,
-                           precision=resolve_precision(cfg.train.precision, device), gpus_per_node=max(1, world_size),
-                           intra_gbps=200.0, inter_gbps=25.0, peak_tflops=989.0, mfu=0.4, gpu_memory_gib=limit)
-    r = estimate(cfg, Layout(p.tp, p.pp, world_size // (p.tp * p.pp), p.zero_stage), args)
+    precision = resolve_precision(cfg.train.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    r = memory_estimate(cfg, Layout(p.tp, p.pp, world_size // (p.tp * p.pp), p.zero_stage), precision)
     if r["total_gib"] > limit:
         raise ConfigError(
             f"the planner estimates {r['total_gib']:.2f} GiB per rank for tp={p.tp} pp={p.pp} dp={r['dp']} "
-            f"zero={p.zero_stage} in {args.precision} (weights {r['weights_gib']:.2f}, gradients {r['grads_gib']:.2f}, "
+            f"zero={p.zero_stage} in {precision} (weights {r['weights_gib']:.2f}, gradients {r['grads_gib']:.2f}, "
             f"optimizer {r['optimizer_gib']:.2f}, activations {r['activations_gib']:.2f}, buffers "
             f"{r['buffers_gib']:.2f}), above train.memory_limit_gib={limit:g}: raise parallel.zero_stage, add ranks, "
             "or set train.activation_checkpointing")

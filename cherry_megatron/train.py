@@ -49,7 +49,8 @@ class Trainer:
         with returning_freed_memory(), (local_blocks_only(cfg, topology, layout.rank) if self.pipeline
                                         else contextlib.nullcontext()):
             model = partitioned_build(lambda: build_model(cfg), cfg, layout.dp, layout.device, self.dp_group)
-        self.model_memory = self.memory()["peak_memory_gib"] - self.base_memory  # the build's own peak
+        built = self.memory()
+        self.model_memory = built["peak_memory_gib"] - built["base_memory_gib"]  # the build's own peak
         if cfg.model.init_from:
             state = load_consolidated(cfg.model.init_from)[0]
             # MTP modules added to a model trained without them start from their initialisation.

@@ -87,7 +87,10 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
     except RuntimeError as e:  # size mismatches
         detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e).splitlines()[0])
         raise CheckpointError(f"{source} is a checkpoint of another model shape: {detail}") from None
-    missing = [k for k in missing if not k.endswith("_extra_state") and not k.startswith(fresh)]
+    _check_fit(source, [k for k in missing if not k.endswith("_extra_state") and not k.startswith(fresh)], unexpected)
+
+
+def _check_fit(source: str, missing: list[str], unexpected: list[str]) -> None:
     if missing or unexpected:
         raise CheckpointError(f"{source} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
@@ -99,10 +102,8 @@ def _load_partitioned(model, local: dict, source: str, fresh: tuple[str, ...], d
     import torch.distributed as dist
 
     names = dict(model.named_parameters())
-    missing = [n for n in names if n not in local and not n.startswith(fresh)]
-    unexpected = [n for n in local if n not in names and not n.endswith("_extra_state")]
-    if missing or unexpected:
-        raise CheckpointError(f"{source} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    _check_fit(source, [n for n in names if n not in local and not n.startswith(fresh)],
+               [n for n in local if n not in names and not n.endswith("_extra_state")])
     wrong = next((n for n, p in names.items() if n in local and tuple(local[n].shape) != tuple(p.ds_shape)), None)
     if wrong:
         raise CheckpointError(f"{source} is a checkpoint of another model shape: {wrong} is "

@@ -34,6 +34,7 @@ import json
 import math
 import sys
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 from cherry_megatron.errors import cli_errors
 
@@ -138,6 +139,16 @@ def estimate(cfg, lay: Layout, args) -> dict:
             "activations_gib": (act + logits) / GIB, "buffers_gib": buffers / GIB, "total_gib": total / GIB,
             "tp_gb": tp_bytes / 1e9, "dp_gb": dp_bytes / 1e9, "pp_gb": pp_bytes / 1e9, "bubble": bubble,
             "step_s": seconds, "fits": total <= args.gpu_memory_gib * GIB * 0.9}
+
+
+def memory_estimate(cfg, lay: Layout, precision: str) -> dict:
+    """`estimate` for a run's own layout, when only its memory figures are wanted (the trainer's
+    `train.memory_limit_gib`, bench/gpu_check.py): activation checkpointing from the config; the step-time
+    inputs are the command's defaults and do not change a memory figure."""
+    args = SimpleNamespace(activation_checkpointing=cfg.train.activation_checkpointing > 0, precision=precision,
+                           gpus_per_node=lay.tp * lay.pp * lay.dp, intra_gbps=200.0, inter_gbps=25.0,
+                           peak_tflops=989.0, mfu=0.4, gpu_memory_gib=float("inf"))
+    return estimate(cfg, lay, args)
 
 
 def _buffers(cfg, lay: Layout, params: int, w: int, precision: str) -> float:
