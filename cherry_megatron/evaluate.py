@@ -74,7 +74,7 @@ def _evaluate(args) -> dict | None:
         from cherry_megatron import distributed
         from cherry_megatron.config import ParallelConfig
         from cherry_megatron.convert.load import load_model
-        from cherry_megatron.data.indexed import token_stream
+        from cherry_megatron.data.indexed import check_tokenizer, token_stream
         from cherry_megatron.engine import compute_dtype
         from cherry_megatron.errors import CheckpointError
 
@@ -83,6 +83,7 @@ def _evaluate(args) -> dict | None:
         layout = distributed.init(ParallelConfig(tp=1))
         try:  # an in-process caller (tests, tools) must find no world left behind, error or not
             model, cfg = load_model(args.load)
+            check_tokenizer(args.data, cfg.data.tokenizer_model, f"the model {args.load}")
             if int(stream.max()) >= cfg.model.vocab_size:
                 raise CheckpointError(f"{args.data} holds token id {int(stream.max())}, beyond the model's "
                                       f"vocabulary {cfg.model.vocab_size}: data and checkpoint come from different "

@@ -57,9 +57,22 @@ def is_function_piece(piece: str, is_control: bool = False, is_byte: bool = Fals
 
 def content_pieces(tokenizer_model: str, vocab_size: int) -> np.ndarray:
     """Bool [vocab_size]: True where the piece is payload. Ids past the tokenizer (padding) are not."""
-
+    refuse_other_tokenizers(tokenizer_model)
     sp = spm.SentencePieceProcessor(model_file=tokenizer_model)
     out = np.zeros(vocab_size, dtype=bool)
     for i in range(min(vocab_size, sp.get_piece_size())):
         out[i] = not is_function_piece(sp.id_to_piece(i), sp.is_control(i) or sp.is_unknown(i), sp.is_byte(i))
     return out
+
+
+def refuse_other_tokenizers(tokenizer_model: str) -> None:
+    """The rule reads sentencepiece pieces (the word-start mark, byte pieces, Korean particles merged into
+    pieces); a byte-level BPE's pieces (SmolLM2's `Ġ`-prefixed English/code vocabulary) would be classified
+    by accident, so the policy refuses them rather than guess."""
+    from cherry_megatron.data.tokenizer import kind
+    from cherry_megatron.errors import ConfigError
+
+    if kind(tokenizer_model) != "sentencepiece":
+        raise ConfigError(f"sgt.policy=payload needs a sentencepiece tokenizer (its content rule is written for "
+                          f"sentencepiece pieces); {tokenizer_model} is a Hugging Face tokenizer: use "
+                          "sgt.policy=frequency, random, loss or excess")

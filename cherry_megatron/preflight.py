@@ -10,11 +10,13 @@ from megatron.core.datasets.utils import get_blend_from_list
 
 from cherry_megatron.checkpoint.run_dir import check_run_dir, checkpoint_dir, latest_tag
 from cherry_megatron.config import Config, load_config, validate
+from cherry_megatron.convert.load import checkpoint_layer
 from cherry_megatron.convert.universal import check_universal
-from cherry_megatron.data.indexed import open_indexed
+from cherry_megatron.data.indexed import check_tokenizer, open_indexed
 from cherry_megatron.data.tokenizer import load_tokenizer
 from cherry_megatron.errors import ConfigError
 from cherry_megatron.model.gpt import pad_vocab
+from cherry_megatron.payload import refuse_other_tokenizers
 
 
 def resolve_vocab(cfg: Config, tokenizer_vocab: int) -> None:
@@ -59,15 +61,18 @@ def check_data(cfg: Config) -> None:
     prefixes = get_blend_from_list([str(p) for p in cfg.data.paths])[0]
     for prefix in prefixes + ([cfg.data.eval_path] if cfg.data.eval_path else []):
         open_indexed(prefix)
+        check_tokenizer(prefix, cfg.data.tokenizer_model, "data.tokenizer_model")
 
 
 def preflight(config: str, overrides: list[str], run_dir: Path | None, world_size: int):
     """(resolved config, tokenizer, run dir) of a run about to start at `world_size` processes in `run_dir`
     (None: runs/<config name>)."""
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, overrides, read_checkpoint=checkpoint_layer)
     run_dir = Path(run_dir) if run_dir else Path(f"runs/{cfg.name}")
     validate(cfg, world_size)
     tokenizer = load_tokenizer(cfg.data.tokenizer_model)
+    if cfg.sgt.policy == "payload" and cfg.sgt.ratio < 1:
+        refuse_other_tokenizers(cfg.data.tokenizer_model)
     resolve_vocab(cfg, tokenizer.vocab_size)
     check_memory(cfg, world_size)
     check_data(cfg)

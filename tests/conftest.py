@@ -65,9 +65,10 @@ def run_cli(args: list[str], nproc: int = 1, timeout: int = 600, env: dict | Non
     return subprocess.run(cmd + args, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
-def train(run_dir: Path, sets: list[str] = (), nproc: int = 1, config: str = "tiny", check: bool = True):
+def train(run_dir: Path, sets: list[str] = (), nproc: int = 1, config: str = "tiny", check: bool = True,
+          short: bool = True):
     args = ["-m", "cherry_megatron.train", "--config", config, "--run-dir", str(run_dir),
-            "--set", *SHORT_RUN, *sets]
+            "--set", *(SHORT_RUN if short else []), *sets]
     if nproc > 1:
         args = args[1:]
     proc = run_cli(args, nproc=nproc)

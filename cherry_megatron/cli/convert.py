@@ -1,8 +1,8 @@
 """Convert a checkpoint between formats and parallel layouts.
 
-    cherry-convert --input PATH --input-format deepspeed|torch|hf
+    cherry-convert --input PATH --input-format deepspeed|torch|hf|gguf
         --output PATH --output-format deepspeed|universal|torch|hf
-        [--target-tp N] [--target-pp M] [--dtype fp32|bf16|fp16] [--tokenizer SP.model]
+        [--target-tp N] [--target-pp M] [--dtype fp32|bf16|fp16] [--tokenizer SP.model|HF_DIR]
 
 Formats:
   deepspeed  our training checkpoints (a run dir, its checkpoints/ or a tag dir) at any TP/PP/DP and ZeRO
@@ -14,6 +14,10 @@ Formats:
   hf         a Hugging Face Llama directory (config.json, model.safetensors, tokenizer files) that
              transformers' AutoModelForCausalLM loads without custom code; as input, any Llama checkpoint
              (model.safetensors or model-*.safetensors shards)
+  gguf       (input only) a Llama-architecture llama.cpp GGUF file, dequantized to fp32 by transformers'
+             GGUF loader (needs the `gguf` and `accelerate` packages); its tokenizer is written beside the
+             weights as tokenizer.json, whatever the output format
+A Hugging Face tokenizer travels with the weights: every output holds a copy of it and its config names it.
 The output appears whole or not at all: it is written to PATH.partial and renamed. Nothing is unpickled
 beyond tensors and three DeepSpeed data classes (torch.load weights_only=True).
 """
@@ -29,16 +33,17 @@ from pathlib import Path
 
 from cherry_megatron.errors import CheckpointError, ConfigError, cli_errors
 
-INPUTS = ("deepspeed", "torch", "hf")
+INPUTS = ("deepspeed", "torch", "hf", "gguf")
 OUTPUTS = ("deepspeed", "universal", "torch", "hf")
 
 
 def read(path: str, fmt: str):
-    from cherry_megatron.convert import checkpoint, hf_import
+    from cherry_megatron.convert import checkpoint, gguf_import, hf_import
 
     if not Path(path).exists():
         raise CheckpointError(f"--input {path} does not exist")
-    return {"deepspeed": checkpoint.read_deepspeed, "torch": checkpoint.read_torch, "hf": hf_import.read_hf}[fmt](path)
+    return {"deepspeed": checkpoint.read_deepspeed, "torch": checkpoint.read_torch, "hf": hf_import.read_hf,
+            "gguf": gguf_import.read_gguf}[fmt](path)
 
 
 def check_layout(cfg_dict: dict, tp: int, pp: int) -> None:
@@ -92,12 +97,12 @@ def convert(args) -> dict:
             check_layout(ck.cfg, args.target_tp, args.target_pp)
             dtype = writers.DTYPES[args.dtype] if args.dtype else None
             if args.output_format == "torch":
-                writers.write_torch(ck, tmp, dtype)
+                writers.write_torch(ck, tmp, dtype, out)
             elif args.output_format == "hf":
                 tok = args.tokenizer or ck.cfg.get("data", {}).get("tokenizer_model")
                 writers.write_hf(ck, tmp, dtype, tok)
             else:
-                writers.write_deepspeed(ck, tmp, args.target_tp, args.target_pp, dtype, extra)
+                writers.write_deepspeed(ck, tmp, args.target_tp, args.target_pp, dtype, extra, out)
             nbytes = ck.nbytes
         tmp.rename(out)
     except BaseException:
@@ -117,7 +122,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--target-tp", type=int, default=1)
     p.add_argument("--target-pp", type=int, default=1)
     p.add_argument("--dtype", default=None, help="fp32|bf16|fp16 (default: the source's)")
-    p.add_argument("--tokenizer", default="", help="hf output: the sentencepiece model (default: the run's)")
+    p.add_argument("--tokenizer", default="", help="hf output: the sentencepiece model or Hugging Face tokenizer directory (default: the checkpoint's)")
     return p
 
 

@@ -202,9 +202,10 @@ def main(argv=None) -> None:
     stdout = sys.stdout
     with cli_errors(), contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         from cherry_megatron.config import load_config
+        from cherry_megatron.convert.load import checkpoint_layer
         from cherry_megatron.errors import ConfigError
 
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, read_checkpoint=checkpoint_layer)
         cfg.parallel.pipeline_partition = args.pipeline_partition or cfg.parallel.pipeline_partition
         args.activation_checkpointing = args.activation_checkpointing or cfg.train.activation_checkpointing > 0
         if cfg.recurrent.num_blocks or cfg.moee.num_experts:

@@ -38,6 +38,7 @@ class Checkpoint:
     source: str = ""
     step: int = 0
     _layout: Callable | None = field(default=None, repr=False)
+    keep: object = field(default=None, repr=False)  # what must outlive the reading (a GGUF's tokenizer dir)
 
     def get(self, name: str) -> torch.Tensor:
         return self.fetch(name)

@@ -38,3 +38,27 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, Config]:
     cfg = from_dict(cfg_dict)
     cfg.moee.ep_size = 1
     return build_loaded(cfg, state, str(path)), cfg
+
+
+ARCHITECTURE = ("model", "recurrent", "moee")
+
+
+def checkpoint_layer(path: Path) -> dict:
+    """The config layer a checkpoint directory stands for: its architecture sections, its tokenizer, and
+    `model.init_from` pointing at it. The checkpoint's parallel layout and training settings are not taken:
+    a run starting from a published model picks its own (`parallel.*`, `train.*`, `moee.ep_size`)."""
+    from cherry_megatron.errors import ConfigError, UserError
+
+    try:
+        ck = read_any(path).cfg
+    except UserError as e:
+        raise ConfigError(f"--config {path} is a directory but not a checkpoint we read: {e}") from None
+    layer = {k: dict(ck[k]) for k in ARCHITECTURE}
+    layer["model"]["init_from"] = str(path)
+    layer["moee"].pop("ep_size", None)
+    layer["recurrent"].pop("exit_loss_weights", None)  # a training objective, not the architecture
+    layer["name"] = path.resolve().name
+    tokenizer = ck.get("data", {}).get("tokenizer_model", "")
+    if tokenizer:
+        layer["data"] = {"tokenizer_model": tokenizer}
+    return layer

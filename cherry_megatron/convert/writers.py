@@ -49,7 +49,7 @@ def _out_dtype(ck: Checkpoint, dtype: torch.dtype | None, name: str) -> torch.dt
     return dtype if dtype is not None and d.is_floating_point else d
 
 
-def write_torch(ck: Checkpoint, out: Path, dtype: torch.dtype | None) -> None:
+def write_torch(ck: Checkpoint, out: Path, dtype: torch.dtype | None, final: Path | None = None) -> None:
     specs = [(n, _out_dtype(ck, dtype, n), s) for n, (_, s) in ck.specs.items()]
     w = SafetensorsWriter(out / CONSOLIDATED_WEIGHTS, specs, {"format": "pt", "step": ck.step})
     for name in progress(ck.specs, "torch"):
@@ -57,10 +57,35 @@ def write_torch(ck: Checkpoint, out: Path, dtype: torch.dtype | None) -> None:
     w.close()
     cfg = json.loads(json.dumps(ck.cfg))
     cfg["parallel"].update(tp=1, pp=1)  # the layout of this file; a run loading it sets its own
+    copy_tokenizer(cfg, out, final)
     (out / CONSOLIDATED_CONFIG).write_text(json.dumps(cfg, indent=1))
 
 
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def copy_tokenizer(cfg: dict, out: Path, final: Path | None) -> bool:
+    """A Hugging Face tokenizer (data.tokenizer_model a directory) is copied beside the weights and the config
+    pointed at its new home `final` (the output's name once renamed into place): the output carries its
+    tokenizer. A sentencepiece model stays where the run's config names it."""
+    from cherry_megatron.data.tokenizer import kind
+
+    tok = cfg.get("data", {}).get("tokenizer_model") or ""
+    if not tok or kind(tok) != "huggingface":
+        return False
+    src = Path(tok) if Path(tok).is_dir() else Path(tok).parent
+    if not (src / "tokenizer.json").is_file():
+        raise CheckpointError(f"the checkpoint's tokenizer {tok} holds no tokenizer.json")
+    for name in HF_TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, out / name)
+    cfg["data"]["tokenizer_model"] = str((final or out).resolve())
+    return True
+
+
 def write_hf(ck: Checkpoint, out: Path, dtype: torch.dtype | None, tokenizer: str | None) -> None:
+    """`tokenizer`: a sentencepiece .model (written as tokenizer.model with a LlamaTokenizer config) or a
+    Hugging Face tokenizer directory (its files copied)."""
     """A Llama directory `transformers.AutoModelForCausalLM.from_pretrained` loads without custom code."""
     hf_llama.check_exportable(ck.cfg)
     specs = []
@@ -77,10 +102,20 @@ def write_hf(ck: Checkpoint, out: Path, dtype: torch.dtype | None, tokenizer: st
     w.close()
     name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
     first = next(iter(ck.specs))
-    (out / "config.json").write_text(json.dumps(hf_llama.hf_config(ck.cfg, name[_out_dtype(ck, dtype, first)]),
-                                                indent=1))
-    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}))
-    if tokenizer and Path(tokenizer).is_file():
+    special = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}  # our sentencepiece models' ids
+    if tokenizer and copy_tokenizer({"data": {"tokenizer_model": tokenizer}}, out, None):
+        from cherry_megatron.data.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(str(out))
+        special = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eod,
+                   "pad_token_id": tok.pad_id if tok.pad_id is not None else tok.eod}
+    config = hf_llama.hf_config(ck.cfg, name[_out_dtype(ck, dtype, first)])
+    config.update(special)
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    (out / "generation_config.json").write_text(json.dumps(special))
+    if tokenizer and (out / "tokenizer.json").is_file():
+        pass
+    elif tokenizer and Path(tokenizer).is_file():
         shutil.copyfile(tokenizer, out / "tokenizer.model")
         (out / "tokenizer_config.json").write_text(json.dumps(hf_llama.TOKENIZER_CONFIG, indent=1))
         (out / "special_tokens_map.json").write_text(json.dumps(
@@ -89,7 +124,7 @@ def write_hf(ck: Checkpoint, out: Path, dtype: torch.dtype | None, tokenizer: st
 
 # ---------------------------------------------------------------------------------------------- DeepSpeed
 def write_deepspeed(ck: Checkpoint, out: Path, tp: int, pp: int, dtype: torch.dtype | None,
-                    extra_states: list[str]) -> None:
+                    extra_states: list[str], final: Path | None = None) -> None:
     """Module weights in DeepSpeed's file layout for TP=`tp` x PP=`pp` (what `engine.load_checkpoint(...,
     load_module_only=True)` and `model.init_from` read): `mp_rank_XX_model_states.pt` per TP rank (per
     stage x TP rank with PP, whose weights go to `layer_LL-model_XX-model_states.pt` files as DeepSpeed's
@@ -102,6 +137,7 @@ def write_deepspeed(ck: Checkpoint, out: Path, tp: int, pp: int, dtype: torch.dt
     tag_dir.mkdir(parents=True)
     cfg = json.loads(json.dumps(ck.cfg))
     cfg["parallel"].update(tp=tp, pp=pp)
+    copy_tokenizer(cfg, out, final)
     experts = [n for n in ck.specs if EXPERTS in n]
     moe_prefixes = list(dict.fromkeys(n.split(EXPERTS)[0] for n in experts))
     meta = {"cherry_config": cfg, "step": ck.step, "global_steps": ck.step, "dp_world_size": 1,
@@ -157,10 +193,15 @@ def _write_pipeline(ck, tag_dir: Path, names, tp: int, pp: int, dtype, extra_sta
         by_layer.setdefault(pipeline_layer(n, L)[0], []).append(n)
     if cfg["moee"]["mtp_depth"]:  # the MTP head stage holds a copy of the (tied) embedding: saved there too
         by_layer[L + 1].append("embed.weight")
+    elif cfg["model"]["tie_embeddings"]:
+        # build_pipeline's tied layout: ..., NormStage (L+1), the embedding again as the output layer (L+2),
+        # which reads its weight and the head's (weightless) projection; the head's extra state has no stage.
+        by_layer[L + 1] = [n for n in by_layer[L + 1] if not n.startswith("head.")]
+        by_layer[L + 2] = ["embed.weight"] + [n for n in extra_states if n.startswith("embed.")]
     for r in range(tp):
         for idx in progress(sorted(by_layer), f"deepspeed pipeline tp{r}"):
-            sd = {pipeline_layer(n, L)[1]: None if n in extra_states else tp_part(ck, n, tp, r, dtype)
-                  for n in by_layer[idx]}
+            sd = {(n if idx == L + 2 else pipeline_layer(n, L)[1]): None if n in extra_states else
+                  tp_part(ck, n, tp, r, dtype) for n in by_layer[idx]}
             torch.save(sd, tag_dir / f"layer_{idx:02d}-model_{r:02d}-model_states.pt")
     # One metadata file per stage x TP rank, pp-major, as the pipeline engine names them. Layer files go by
     # global layer index, so any partition of the stages (parallel.pipeline_partition) loads them.

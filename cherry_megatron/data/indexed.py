@@ -1,6 +1,7 @@
 """Opening Megatron `.bin/.idx` files with a clear error when one is missing, truncated or corrupt."""
 from __future__ import annotations
 
+import json
 import os
 import struct
 
@@ -89,3 +90,40 @@ def token_stream(prefix: str) -> np.ndarray:
     ds = open_indexed(prefix)
     n = int(ds.index.sequence_lengths.sum())
     return np.memmap(prefix + ".bin", dtype=ds.index.dtype, mode="r", shape=(n,))
+
+
+def write_meta(prefix: str, tokenizer: str, vocab_size: int, eod: int) -> None:
+    """PREFIX.meta.json: the tokenizer the data was made with (its fingerprint), read by `check_tokenizer`."""
+    from cherry_megatron.data.tokenizer import fingerprint, kind
+
+    meta = {"tokenizer": os.path.abspath(tokenizer), "kind": kind(tokenizer), "sha256": fingerprint(tokenizer),
+            "vocab_size": int(vocab_size), "eod": int(eod)}
+    with open(prefix + ".meta.json", "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+def read_meta(prefix: str) -> dict | None:
+    try:
+        with open(prefix + ".meta.json") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None  # data made before the meta file existed, or by another tool (Megatron-LM's preprocess)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read {prefix}.meta.json: {e}") from None
+
+
+def check_tokenizer(prefix: str, tokenizer: str, who: str) -> None:
+    """Data made with another tokenizer than `tokenizer` (the model's) is one clear error. Without a meta file
+    nothing is known beyond the vocabulary range, which the callers check."""
+    meta = read_meta(prefix)
+    if meta is None or not tokenizer:
+        return
+    from cherry_megatron.data.tokenizer import fingerprint
+
+    try:
+        ours = fingerprint(tokenizer)
+    except OSError:
+        return  # the model's tokenizer file is gone; load_tokenizer reports that where it is needed
+    if meta.get("sha256") != ours:
+        raise DataError(f"{prefix} was tokenized with {meta.get('tokenizer')}, not with {who}'s tokenizer "
+                        f"{tokenizer}: data and model must share one tokenizer")
