@@ -267,3 +267,15 @@ def hidden_module(module: str):
     finally:
         if sys.modules.get(module, 0) is None:
             del sys.modules[module]
+
+
+def transformers_for_megatron_tokenizers() -> None:
+    """A process that loaded a sentencepiece model first imported megatron's Hugging Face wrapper with
+    transformers hidden (`hidden_module`): it then holds no AutoTokenizer. Give it the real one before a
+    Hugging Face tokenizer loads (megatron-core 0.16.1, text/libraries/huggingface_tokenizer.py)."""
+    from megatron.core.tokenizers.text.libraries import huggingface_tokenizer as hft
+
+    if getattr(hft, "AutoTokenizer", None) is None:
+        from transformers import AutoTokenizer
+
+        hft.AutoTokenizer = AutoTokenizer

@@ -224,3 +224,12 @@ def test_data_of_another_tokenizer_than_the_models_is_one_error(smollm2, corpus,
     lines = error_lines(proc)
     assert proc.returncode == 2 and len(lines) == 1 and "sgt.policy=payload needs a sentencepiece" in lines[0], lines
     assert not run.exists()
+
+
+def test_a_hugging_face_tokenizer_loads_after_a_sentencepiece_one_in_one_process(smollm2, corpus):
+    """The sentencepiece load hides transformers from megatron's tokenizer modules (compat.hidden_module);
+    a Hugging Face tokenizer loaded later in the same process still gets transformers' AutoTokenizer."""
+    code = ("from cherry_megatron.data.tokenizer import load_tokenizer as t\n"
+            f"t({str(corpus.tokenizer)!r}); print(t({str(smollm2.model)!r}).tokenize('hello world'))")
+    proc = run_cli(["-c", code])
+    assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == "[28120, 905]", proc.stderr[-2000:]

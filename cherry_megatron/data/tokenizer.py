@@ -89,6 +89,7 @@ def _load_hf(path: str):
         raise DataError(f"{file}: a Hugging Face tokenizer file must be named {HF_FILE}; give its directory")
     from megatron.core.tokenizers import MegatronTokenizer
 
+    compat.transformers_for_megatron_tokenizers()
     try:
         tok = MegatronTokenizer.from_pretrained(tokenizer_path=directory, metadata_path={"library": "huggingface"},
                                                 use_fast=True, include_special_tokens=True)
