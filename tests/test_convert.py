@@ -242,3 +242,21 @@ def test_bad_input_is_one_error_line_and_leaves_nothing(baseline, tmp_path, caps
     proc = run_cli(["tools/convert_checkpoint.py", "--input", str(src), "--input-format", "deepspeed", "--output",
                     str(out), "--output-format", "deepspeed", "--target-tp", "3"])
     assert proc.returncode == 2 and len(error_lines(proc)) == 1 and not out.exists() and proc.stdout == ""
+
+
+@pytest.mark.slow
+def test_universal_resume_of_a_tied_embedding_model_continues_the_curve(corpus, tmp_path):
+    """Tied input/output embeddings (as SmolLM2 has) through a universal checkpoint: the step-3 state of a TP=1
+    run resumed at TP=2 repeats the uninterrupted run's steps 4-6."""
+    tied = ["model.tie_embeddings=true"]
+    whole = tmp_path / "whole"
+    train(whole, tied)
+    convert(whole / "checkpoints" / "global_step3", "deepspeed", tmp_path / "universal", "universal")
+    run = tmp_path / "tp2"
+    proc = train(run, [*tied, "parallel.tp=2", f"train.universal_from={tmp_path / 'universal'}"], nproc=2)
+    assert "start_step=3" in proc.stdout
+    ref = {r["step"]: r["loss"] for r in read_metrics(whole) if r.get("loss") is not None}
+    resumed = {r["step"]: r["loss"] for r in read_metrics(run) if r.get("loss") is not None}
+    assert sorted(resumed) == [4, 5, 6]
+    for step in resumed:
+        assert resumed[step] == pytest.approx(ref[step], rel=1e-4), step
