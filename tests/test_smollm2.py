@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from cherry_megatron.data.indexed import open_indexed, token_stream
-from tests.conftest import DATA, error_lines, run_cli
-from tests.test_convert import convert, convert_fails
+from conftest import DATA, error_lines, run_cli
+from test_convert import convert, convert_fails
 
 MODEL = DATA / "models" / "smollm2-135m"
 GGUF = DATA / "sources" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -136,7 +136,7 @@ def test_gguf_converts_and_loads_at_tp3_and_tp3_pp2_with_transformers_logits(smo
 @pytest.mark.slow
 def test_training_from_the_published_directory_at_tp3_equals_tp1_and_exports_to_transformers(smollm2, tmp_path):
     from cherry_megatron.convert.load import load_model
-    from tests.conftest import train
+    from conftest import train
 
     proc = train(tmp_path / "tp2", [*TRAIN, "parallel.tp=2"], nproc=2, config=str(smollm2.model), short=False,
                  check=False)

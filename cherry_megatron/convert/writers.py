@@ -68,14 +68,14 @@ def copy_tokenizer(cfg: dict, out: Path, final: Path | None) -> bool:
     """A Hugging Face tokenizer (data.tokenizer_model a directory) is copied beside the weights and the config
     pointed at its new home `final` (the output's name once renamed into place): the output carries its
     tokenizer. A sentencepiece model stays where the run's config names it."""
-    from cherry_megatron.data.tokenizer import kind
+    from cherry_megatron.data.tokenizer import kind, tokenizer_file
 
     tok = cfg.get("data", {}).get("tokenizer_model") or ""
     if not tok or kind(tok) != "huggingface":
         return False
-    src = Path(tok) if Path(tok).is_dir() else Path(tok).parent
-    if not (src / "tokenizer.json").is_file():
+    if not Path(tokenizer_file(tok)).is_file():
         raise CheckpointError(f"the checkpoint's tokenizer {tok} holds no tokenizer.json")
+    src = Path(tokenizer_file(tok)).parent
     for name in HF_TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, out / name)
@@ -84,9 +84,9 @@ def copy_tokenizer(cfg: dict, out: Path, final: Path | None) -> bool:
 
 
 def write_hf(ck: Checkpoint, out: Path, dtype: torch.dtype | None, tokenizer: str | None) -> None:
-    """`tokenizer`: a sentencepiece .model (written as tokenizer.model with a LlamaTokenizer config) or a
-    Hugging Face tokenizer directory (its files copied)."""
-    """A Llama directory `transformers.AutoModelForCausalLM.from_pretrained` loads without custom code."""
+    """A Llama directory `transformers.AutoModelForCausalLM.from_pretrained` loads without custom code.
+    `tokenizer`: a Hugging Face tokenizer directory (its files copied) or a sentencepiece .model (written as
+    tokenizer.model with a LlamaTokenizer config)."""
     hf_llama.check_exportable(ck.cfg)
     specs = []
     for n, (_, shape) in ck.specs.items():
@@ -103,7 +103,8 @@ def write_hf(ck: Checkpoint, out: Path, dtype: torch.dtype | None, tokenizer: st
     name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
     first = next(iter(ck.specs))
     special = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}  # our sentencepiece models' ids
-    if tokenizer and copy_tokenizer({"data": {"tokenizer_model": tokenizer}}, out, None):
+    hf_tokenizer = bool(tokenizer) and copy_tokenizer({"data": {"tokenizer_model": tokenizer}}, out, None)
+    if hf_tokenizer:
         from cherry_megatron.data.tokenizer import load_tokenizer
 
         tok = load_tokenizer(str(out))
@@ -113,9 +114,7 @@ def write_hf(ck: Checkpoint, out: Path, dtype: torch.dtype | None, tokenizer: st
     config.update(special)
     (out / "config.json").write_text(json.dumps(config, indent=1))
     (out / "generation_config.json").write_text(json.dumps(special))
-    if tokenizer and (out / "tokenizer.json").is_file():
-        pass
-    elif tokenizer and Path(tokenizer).is_file():
+    if not hf_tokenizer and tokenizer and Path(tokenizer).is_file():
         shutil.copyfile(tokenizer, out / "tokenizer.model")
         (out / "tokenizer_config.json").write_text(json.dumps(hf_llama.TOKENIZER_CONFIG, indent=1))
         (out / "special_tokens_map.json").write_text(json.dumps(

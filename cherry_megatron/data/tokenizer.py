@@ -93,15 +93,10 @@ def _load_hf(path: str):
     try:
         tok = MegatronTokenizer.from_pretrained(tokenizer_path=directory, metadata_path={"library": "huggingface"},
                                                 use_fast=True, include_special_tokens=True)
-    except (OSError, ValueError, RuntimeError, EnvironmentError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
         raise DataError(f"cannot load Hugging Face tokenizer {directory}: {str(e).splitlines()[0]}") from None
     if tok.eod is None:
         raise DataError(f"Hugging Face tokenizer {directory} names no eos_token (tokenizer_config.json): "
                         "documents need an end-of-document token")
     return tok
 
-
-def encoder(path: str):
-    """text -> ids, as the whole pipeline encodes a document (without its EOD): the tokenizer's own encoding."""
-    tok = load_tokenizer(path)
-    return tok.tokenize
