@@ -130,6 +130,12 @@ class SGTConfig:
     """Selective ground-truth token training: supervise `ratio` of the output positions (cherry_megatron/sgt.py)."""
     ratio: float = 1.0  # 1.0: every position supervised (SGT off)
     policy: str = "random"  # random | frequency | loss | excess | payload
+    # top: the round(ratio*n) best-scored positions, loss averaged over them (biased: unpicked positions never
+    # learn); poisson | conditional: positions drawn with probability pi ~ score^(1/temperature), expected
+    # (poisson) or exact (conditional) count ratio*n, losses weighted 1/pi: an unbiased full-loss estimate
+    sampling: str = "top"
+    temperature: float = 1.0  # poisson/conditional: pi ~ score^(1/T); large T tends to uniform
+    max_weight: float = 0.0  # clip the 1/pi loss weights at this (biased, less variance); 0: no clipping
     scope: str = "sequence"  # sequence: round(ratio*n) per sequence; batch: per micro-batch
     anchor_weight: float = 0.0  # a: L = (1-a) L_selected + a L_full
     reference: str = ""  # checkpoint (run dir or tag dir) of the frozen reference model, for policy=excess

@@ -8,6 +8,7 @@ from typing import Optional
 from cherry_megatron.errors import ConfigError
 
 SGT_POLICIES = ("random", "frequency", "loss", "excess", "payload")
+SGT_SAMPLING = ("top", "poisson", "conditional")
 
 
 def validate(cfg, world_size: Optional[int] = None) -> None:
@@ -63,6 +64,13 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
         raise ConfigError(f"sgt.ratio must be in (0, 1], got {g.ratio}")
     if g.policy not in SGT_POLICIES:
         raise ConfigError(f"sgt.policy must be one of {', '.join(SGT_POLICIES)}, got '{g.policy}'")
+    if g.sampling not in SGT_SAMPLING:
+        raise ConfigError(f"sgt.sampling must be one of {', '.join(SGT_SAMPLING)}, got '{g.sampling}'")
+    if not g.temperature > 0:
+        raise ConfigError(f"sgt.temperature must be positive, got {g.temperature}")
+    if g.max_weight and not g.max_weight >= 1:
+        raise ConfigError(f"sgt.max_weight must be 0 (off) or at least 1 (a weight 1/pi is never below 1), "
+                          f"got {g.max_weight}")
     if g.scope not in ("sequence", "batch"):
         raise ConfigError(f"sgt.scope must be sequence or batch, got '{g.scope}'")
     if not 0 <= g.anchor_weight < 1:

@@ -23,7 +23,9 @@ class Output(NamedTuple):
     logits: Optional[torch.Tensor] = None  # vocab-parallel logits [b, s, v/tp], when no labels were given
     per_token: Optional[torch.Tensor] = None  # per-token cross-entropy [b, s]; 0 where SGT did not select
     mask: Optional[torch.Tensor] = None  # SGT: the supervised positions [b, s] (bool); None: not selected
+    weight: Optional[torch.Tensor] = None  # SGT poisson/conditional: loss weights 1/pi [b, s]; None: plain mean
     aux: dict = {}  # name -> (weight, scalar with gradient): the objective's terms beyond the next-token loss
+    stats: dict = {}  # name -> scalar without gradient, logged only (SGT's draw: selected share, clipped share)
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -36,9 +38,15 @@ def masked_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
 
 
-def sgt_objective(per_token: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor, anchor: float) -> torch.Tensor:
-    """(1 - a) * mean loss over selected positions + a * mean loss over all valid positions."""
-    sel = masked_mean(per_token, mask)
+def sgt_objective(per_token: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor, anchor: float,
+                  weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(1 - a) * L_selected + a * mean loss over all valid positions. L_selected: the mean over the selected
+    positions (`top`), or with weights 1/pi the Horvitz-Thompson estimate sum(w * l) / n_valid, whose
+    expectation over the draw is the full mean loss."""
+    if weight is None:
+        sel = masked_mean(per_token, mask)
+    else:
+        sel = (per_token * weight).sum() / valid.sum().clamp(min=1)
     if anchor == 0:
         return sel
     return (1 - anchor) * sel + anchor * masked_mean(per_token, valid)
@@ -48,7 +56,7 @@ def next_token_loss(out: Output, loss_mask: torch.Tensor, anchor: float = 0.0) -
     """The logged training loss of a micro-batch: the masked mean, or SGT's objective when positions were selected."""
     if out.mask is None:
         return masked_mean(out.per_token, loss_mask)
-    return sgt_objective(out.per_token, out.mask, loss_mask > 0, anchor)
+    return sgt_objective(out.per_token, out.mask, loss_mask > 0, anchor, out.weight)
 
 
 def with_aux(loss: torch.Tensor, aux: dict) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Which sentencepiece pieces carry semantic payload, for SGT's `payload` policy.
+"""Which tokenizer pieces carry semantic payload, for SGT's `payload` policy.
 
 The CHERRY report supervises "the tokens that carry semantic payload" without giving its rule; ours:
 a piece is a *function* piece, not payload, when its text (the leading ▁ word marker removed) is
@@ -13,10 +13,20 @@ a piece is a *function* piece, not payload, when its text (the leading ▁ word 
 Everything else is payload (content stems, names, numbers, code identifiers, non-ASCII bytes of rare
 characters). The list is short on purpose: a few hundred of the most frequent grammatical strings
 cover most function-piece occurrences in the corpus (the SGT report measures the share).
+
+A Hugging Face tokenizer gets the same rules on its pieces' text. A byte-level BPE (GPT-2's, SmolLM2's: `Ġ`
+marks a space, every piece is a byte string) is read back to bytes first: a piece that decodes to text is
+judged by its text (the leading space stripped as the ▁ is), and a piece that is a fragment of a multi-byte
+character is payload, as sentencepiece's non-ASCII byte pieces are. So in SmolLM2's English/code vocabulary,
+Korean (about two pieces a syllable) is payload almost throughout: a particle is recognized only where the BPE
+holds it whole (`의`, `는`). Special tokens (`<|im_end|>`...) are function pieces.
 """
 from __future__ import annotations
 
+import json
+import re
 import unicodedata
+from functools import lru_cache
 
 import numpy as np
 import sentencepiece as spm
@@ -55,24 +65,62 @@ def is_function_piece(piece: str, is_control: bool = False, is_byte: bool = Fals
     return text in KOREAN_FUNCTION or text.lower() in ENGLISH_FUNCTION
 
 
+def is_function_bytes(raw: bytes, is_special: bool = False) -> bool:
+    """A byte-level BPE piece (its bytes): judged by its text, or payload when it is part of a character."""
+    if is_special:
+        return True
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False  # a fragment of a multi-byte character: part of a letter, like a non-ASCII byte piece
+    return is_function_piece(text.replace(" ", "\u2581"))
+
+
+@lru_cache(maxsize=1)
+def byte_decoder() -> dict:
+    """GPT-2's byte-level alphabet, printable character -> byte (the inverse of `bytes_to_unicode`): each of the
+    256 bytes has a visible stand-in so a BPE vocabulary is text; `Ġ` is the space."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    shifted, extra = [], 0
+    for b in range(256):
+        if b not in keep:
+            shifted.append((chr(256 + extra), b))
+            extra += 1
+    return {**{chr(b): b for b in keep}, **dict(shifted)}
+
+
 def content_pieces(tokenizer_model: str, vocab_size: int) -> np.ndarray:
     """Bool [vocab_size]: True where the piece is payload. Ids past the tokenizer (padding) are not."""
-    refuse_other_tokenizers(tokenizer_model)
-    sp = spm.SentencePieceProcessor(model_file=tokenizer_model)
+    from cherry_megatron.data.tokenizer import kind, tokenizer_file
+
     out = np.zeros(vocab_size, dtype=bool)
+    if kind(tokenizer_model) == "huggingface":
+        for i, piece, special, byte_level in hf_pieces(tokenizer_file(tokenizer_model)):
+            if i < vocab_size:
+                if byte_level and not special:
+                    out[i] = not is_function_bytes(bytes(byte_decoder().get(ch, 0) for ch in piece))
+                else:
+                    byte = re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece) is not None
+                    out[i] = not is_function_piece(piece, special, byte)
+        return out
+    sp = spm.SentencePieceProcessor(model_file=tokenizer_model)
     for i in range(min(vocab_size, sp.get_piece_size())):
         out[i] = not is_function_piece(sp.id_to_piece(i), sp.is_control(i) or sp.is_unknown(i), sp.is_byte(i))
     return out
 
 
-def refuse_other_tokenizers(tokenizer_model: str) -> None:
-    """The rule reads sentencepiece pieces (the word-start mark, byte pieces, Korean particles merged into
-    pieces); a byte-level BPE's pieces (SmolLM2's `Ġ`-prefixed English/code vocabulary) would be classified
-    by accident, so the policy refuses them rather than guess."""
-    from cherry_megatron.data.tokenizer import kind
-    from cherry_megatron.errors import ConfigError
-
-    if kind(tokenizer_model) != "sentencepiece":
-        raise ConfigError(f"sgt.policy=payload needs a sentencepiece tokenizer (its content rule is written for "
-                          f"sentencepiece pieces); {tokenizer_model} is a Hugging Face tokenizer: use "
-                          "sgt.policy=frequency, random, loss or excess")
+def hf_pieces(path: str):
+    """(id, piece, is special, is byte-level) of every piece in a tokenizer.json: the model's vocabulary and the
+    added tokens. Byte-level when its pre-tokenizer or decoder is ByteLevel (anywhere in a sequence of them)."""
+    with open(path, encoding="utf-8") as f:
+        spec = json.load(f)
+    blob = json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
+    byte_level = '"ByteLevel"' in blob
+    added = {t["id"]: t for t in spec.get("added_tokens", [])}
+    vocab = spec.get("model", {}).get("vocab", {})
+    items = vocab.items() if isinstance(vocab, dict) else ((p[0], i) for i, p in enumerate(vocab))  # Unigram: list
+    for piece, i in items:
+        yield i, piece, i in added and added[i].get("special", False), byte_level
+    for i, t in added.items():
+        if t["content"] not in vocab:
+            yield i, t["content"], t.get("special", False), False

@@ -16,7 +16,6 @@ from cherry_megatron.data.indexed import check_tokenizer, open_indexed
 from cherry_megatron.data.tokenizer import load_tokenizer
 from cherry_megatron.errors import ConfigError
 from cherry_megatron.model.gpt import pad_vocab
-from cherry_megatron.payload import refuse_other_tokenizers
 
 
 def resolve_vocab(cfg: Config, tokenizer_vocab: int) -> None:
@@ -71,8 +70,6 @@ def preflight(config: str, overrides: list[str], run_dir: Path | None, world_siz
     run_dir = Path(run_dir) if run_dir else Path(f"runs/{cfg.name}")
     validate(cfg, world_size)
     tokenizer = load_tokenizer(cfg.data.tokenizer_model)
-    if cfg.sgt.policy == "payload" and cfg.sgt.ratio < 1:
-        refuse_other_tokenizers(cfg.data.tokenizer_model)
     resolve_vocab(cfg, tokenizer.vocab_size)
     check_memory(cfg, world_size)
     check_data(cfg)

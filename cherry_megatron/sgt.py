@@ -1,9 +1,14 @@
 """Selective ground-truth token training (SGT): supervise a fraction of the output positions.
 
-A policy scores every valid position of a micro-batch; the top `round(ratio * n)` positions (per
-sequence or per micro-batch, `sgt.scope`) are supervised, the others are not. The model gathers the
-hidden states of the selected positions before its output layer, so the LM head and the vocab-parallel
-cross-entropy run on those positions only (`GPT.forward(..., select=...)`).
+A policy scores every valid position of a micro-batch; `sgt.sampling` turns the scores into a selection
+(per sequence or per micro-batch, `sgt.scope`):
+  top          the round(ratio * n) highest-scored positions, loss averaged over them: biased, a position the
+               policy never picks is never supervised;
+  poisson      each position drawn with probability pi ~ score^(1/T), ratio * n expected, its loss weighted
+               1/pi: an unbiased estimate of the full-sequence loss (sgt_sampling.py);
+  conditional  the same pi with exactly round(ratio * n) positions (conditional Poisson sampling).
+The model gathers the hidden states of the selected positions before its output layer, so the LM head and the
+vocab-parallel cross-entropy run on those positions only (`GPT.forward(..., select=...)`).
 
 Policies (score = how much a position deserves supervision; all see the *target* token of a position):
   random     uniform scores from a generator seeded by (train.seed, sample index): reproducible, and the
@@ -12,6 +17,9 @@ Policies (score = how much a position deserves supervision; all see the *target*
   loss       the current model's per-token loss, computed without gradient and in chunks.
   excess     current loss minus a frozen reference model's loss (Rho-1).
   payload    `frequency`, restricted first to content-bearing pieces (`payload.py` gives the rule).
+Under poisson/conditional a score must be positive: random scores 1 (uniform pi), excess scores
+exp(excess) = p_ref / p_model, loss is floored at 1e-6, and payload scores a function piece as the
+vocabulary's most frequent piece (below every content piece, yet never zero: unbiased needs pi > 0).
 
 The gradient-coupling probe (`gradient_cosine`) measures gamma: the cosine between the parameter
 gradient of the loss on supervised positions and that of the loss on unsupervised positions.
@@ -20,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -34,6 +42,7 @@ from cherry_megatron.data.indexed import token_stream
 from cherry_megatron import distributed
 from cherry_megatron.errors import CheckpointError, DataError
 from cherry_megatron.payload import content_pieces
+from cherry_megatron.sgt_sampling import conditional, inclusion_probabilities, poisson, poisson_bucket
 
 
 def selected_count(ratio: float, n: int) -> int:
@@ -41,11 +50,16 @@ def selected_count(ratio: float, n: int) -> int:
     return int(math.floor(ratio * n + 0.5))
 
 
-def selected_counts(valid: torch.Tensor, ratio: float, scope: str) -> list[int]:
-    """round(ratio * n_valid) per sequence (scope=sequence) or for the whole micro-batch (scope=batch). The
-    trainer counts on the host copy of the loss mask, so the device never has to report it."""
+def group_sizes(valid: torch.Tensor, scope: str) -> list[int]:
+    """Valid positions per sequence (scope=sequence) or in the whole micro-batch (scope=batch). The trainer
+    counts on the host copy of the loss mask, so the device never has to report it."""
     n = valid.sum(1) if scope == "sequence" else valid.sum().reshape(1)
-    return [selected_count(ratio, int(v)) for v in n.tolist()]
+    return [int(v) for v in n.tolist()]
+
+
+def selected_counts(valid: torch.Tensor, ratio: float, scope: str) -> list[int]:
+    """round(ratio * n_valid) per group (`group_sizes`)."""
+    return [selected_count(ratio, n) for n in group_sizes(valid, scope)]
 
 
 def select_top(scores: torch.Tensor, valid: torch.Tensor, ratio: float, scope: str,
@@ -72,6 +86,11 @@ class Policy:
                ref_losses: Optional[torch.Tensor] = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def log_scores(self, labels: torch.Tensor, key: int, losses: Optional[torch.Tensor] = None,
+                   ref_losses: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """log of a positive score, for poisson/conditional sampling (pi ~ score^(1/T))."""
+        return self.scores(labels, key, losses, ref_losses).float().clamp(min=1e-6).log()
+
 
 class RandomPolicy(Policy):
     def __init__(self, seed: int):
@@ -81,6 +100,9 @@ class RandomPolicy(Policy):
         # Drawn on the host (the same numbers on every device type) and copied without stopping the host.
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + key)
         return distributed.to_device(torch.rand(labels.shape, generator=g), labels.device)
+
+    def log_scores(self, labels, key, losses=None, ref_losses=None):
+        return torch.zeros(labels.shape, device=labels.device)  # uniform: pi = ratio everywhere
 
 
 class FrequencyPolicy(Policy):
@@ -105,12 +127,21 @@ class ExcessPolicy(Policy):
     def scores(self, labels, key, losses=None, ref_losses=None):
         return losses - ref_losses
 
+    def log_scores(self, labels, key, losses=None, ref_losses=None):
+        return losses - ref_losses  # score exp(excess) = p_ref / p_model: positive, ordered as excess
+
 
 class PayloadPolicy(FrequencyPolicy):
     def __init__(self, counts: np.ndarray, content: np.ndarray):
         super().__init__(counts)
-        # Function pieces rank below every content piece, so they are used only when content runs out.
-        self.info = self.info - 1e4 * torch.from_numpy(~content[: len(self.info)]).float()
+        function = torch.from_numpy(~content[: len(self.info)])
+        # Sampling: a function piece weighs as the most frequent piece does, the least any piece can.
+        self.log_info = torch.where(function, self.info.min(), self.info).log()
+        # Top: function pieces rank below every content piece, so they are used only when content runs out.
+        self.info = self.info - 1e4 * function.float()
+
+    def log_scores(self, labels, key, losses=None, ref_losses=None):
+        return self.log_info.to(labels.device)[labels]
 
 
 def information(counts: np.ndarray) -> torch.Tensor:
@@ -155,6 +186,13 @@ def build_policy(cfg: SGTConfig, seed: int, vocab_size: int, data_paths: list, t
     return PayloadPolicy(counts, content_pieces(tokenizer_model, vocab_size))
 
 
+class Picked(NamedTuple):
+    """A selection: the supervised positions and, when drawn (poisson/conditional), their loss weights."""
+    mask: torch.Tensor  # bool [b, s]
+    weight: Optional[torch.Tensor] = None  # float [b, s]: 1/pi (clipped) where selected, else 0; None: `top`
+    stats: dict = {}  # name -> device scalar, logged as a mean over micro-batches
+
+
 @dataclass
 class Selection:
     """One micro-batch's selection, handed to the model's forward (`select=`), which calls it with a
@@ -167,21 +205,64 @@ class Selection:
     key: int
     ref_losses: Optional[torch.Tensor] = None
     full_loss: bool = False  # anchor_weight > 0: the model returns every position's loss with gradient
-    counts: Optional[list[int]] = None  # `selected_counts`, from the host's loss mask; None: counted here
+    sizes: Optional[list[int]] = None  # valid positions per group, from the host's loss mask; None: counted here
+    sampling: str = "top"
+    temperature: float = 1.0
+    max_weight: float = 0.0
+    seed: int = 0  # with `key`, seeds the draw: the same positions on every rank that reads this sample
 
     def __post_init__(self):
-        if self.counts is None:
-            self.counts = selected_counts(self.valid, self.ratio, self.scope)
+        if self.sizes is None:
+            self.sizes = group_sizes(self.valid, self.scope)
+        self.counts = [selected_count(self.ratio, n) for n in self.sizes]
+
+    @property
+    def padded(self) -> bool:
+        """The gathered head holds `total` rows, some of them padding (a Poisson draw's count varies)."""
+        return self.sampling == "poisson"
 
     @property
     def total(self) -> int:
-        """Positions selected in the micro-batch: the gathered head's size, known without asking the device."""
+        """The gathered head's size, known without asking the device: the selected count, or Poisson's bucket."""
+        if self.padded:
+            return poisson_bucket(self.ratio * sum(self.sizes), sum(self.sizes))
         return sum(self.counts)
 
-    def __call__(self, losses_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def __call__(self, losses_fn: Callable[[], torch.Tensor]) -> Picked:
         losses = losses_fn() if self.policy.needs_losses else None
-        scores = self.policy.scores(self.labels, self.key, losses, self.ref_losses)
-        return select_top(scores, self.valid, self.ratio, self.scope, self.counts)
+        if self.sampling == "top":
+            scores = self.policy.scores(self.labels, self.key, losses, self.ref_losses)
+            return Picked(select_top(scores, self.valid, self.ratio, self.scope, self.counts))
+        return self.draw(self.policy.log_scores(self.labels, self.key, losses, self.ref_losses))
+
+    def draw(self, log_scores: torch.Tensor) -> Picked:
+        shape, dev = self.valid.shape, self.valid.device
+        groups = shape[0] if self.scope == "sequence" else 1
+        valid = self.valid.reshape(groups, -1)
+        # Uniforms from the host (the same numbers on every device type and rank), a stream apart from random's.
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.key) * 2 + 1)
+        u = distributed.to_device(torch.rand(valid.shape, generator=g, dtype=torch.float64), dev)
+        dropped = torch.zeros((), device=dev)
+        if self.sampling == "poisson":
+            pi = inclusion_probabilities(log_scores.reshape(groups, -1), valid, valid.sum(1) * self.ratio,
+                                         self.temperature)
+            mask = poisson(pi, u)
+            keep = (mask.reshape(-1).cumsum(0) <= self.total).view_as(mask)  # past the bucket: dropped, counted
+            dropped = (mask & ~keep).sum().float()
+            mask = mask & keep
+        else:
+            m = distributed.to_device(torch.tensor(self.counts, dtype=torch.int64), dev)
+            pi = inclusion_probabilities(log_scores.reshape(groups, -1), valid, m, self.temperature)
+            mask, pi = conditional(pi, m, u, max(self.counts))
+        weight = torch.where(mask, 1.0 / pi.clamp(min=1e-300), torch.zeros_like(pi))
+        chosen = mask.sum().clamp(min=1).float()
+        clipped = torch.zeros((), device=dev)
+        if self.max_weight:
+            clipped = (weight > self.max_weight).sum().float() / chosen
+            weight = weight.clamp(max=self.max_weight)
+        stats = {"sgt_selected_share": mask.sum().float() / valid.sum().clamp(min=1).float(),
+                 "sgt_clipped_share": clipped, "sgt_dropped": dropped}
+        return Picked(mask.view(shape), weight.view(shape).float(), stats)
 
 
 def gradient_cosine(loss_a: Callable[[], torch.Tensor], loss_b: Callable[[], torch.Tensor],
@@ -218,7 +299,7 @@ class SGT:
     """The trainer's SGT state: the policy, the frozen reference model (policy=excess), the probe."""
 
     def __init__(self, cfg, layout, device: torch.device):
-        self.cfg, self.device = cfg.sgt, device
+        self.cfg, self.device, self.seed = cfg.sgt, device, cfg.train.seed
         self.policy = build_policy(cfg.sgt, cfg.train.seed, cfg.model.vocab_size, cfg.data.paths,
                                    cfg.data.tokenizer_model)
         self.reference = load_reference(cfg.sgt.reference, cfg.model.vocab_size, layout, device,
@@ -227,20 +308,22 @@ class SGT:
 
     def selection(self, batch: dict, key: int, host_loss_mask: Optional[torch.Tensor] = None) -> Selection:
         """`host_loss_mask`: the batch's loss mask before it went to the device (counts without a sync)."""
-        counts = None if host_loss_mask is None else selected_counts(host_loss_mask > 0, self.cfg.ratio, self.cfg.scope)
+        sizes = None if host_loss_mask is None else group_sizes(host_loss_mask > 0, self.cfg.scope)
         ref = None
         if self.reference is not None:
             with torch.no_grad():
                 ref = self.reference(batch["tokens"], batch["labels"]).per_token.float()
-        return Selection(self.policy, self.cfg.ratio, self.cfg.scope, batch["labels"], batch["loss_mask"] > 0, key,
-                         ref, full_loss=self.cfg.anchor_weight > 0, counts=counts)
+        g = self.cfg
+        return Selection(self.policy, g.ratio, g.scope, batch["labels"], batch["loss_mask"] > 0, key, ref,
+                         full_loss=g.anchor_weight > 0, sizes=sizes, sampling=g.sampling,
+                         temperature=g.temperature, max_weight=g.max_weight, seed=self.seed)
 
     @torch.no_grad()
     def probe_masks(self, module: torch.nn.Module, batch: dict, key: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(selected, unselected-but-valid) float masks of a batch, as the training step would select."""
         sel = self.selection(batch, key)
         per_token = module(batch["tokens"], batch["labels"]).per_token.float()
-        mask = sel(lambda: per_token)
+        mask = sel(lambda: per_token).mask
         return mask.float(), (sel.valid & ~mask).float()
 
     def head_flops_saved(self, model_cfg) -> float:

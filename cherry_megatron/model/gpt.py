@@ -120,35 +120,41 @@ class GPT(nn.Module):
         ctx = self.context(x)
         taps = {d: None for d in exits} if exits else None
         h = self.final_norm(self.unroll(x, ctx, 0, depth or None, taps))
-        per_token, mask = self.readout(h, labels, select)
+        per_token, picked = self.readout(h, labels, select)
         if labels is None:
             return Output(logits=per_token)
         for d, w in exits.items():
-            per_token = per_token + float(w) * self.readout(self.final_norm(taps[d]), labels, select, mask)[0]
+            per_token = per_token + float(w) * self.readout(self.final_norm(taps[d]), labels, select, picked)[0]
         aux = {}
         if training_objective:
             if self.mtp is not None:
                 aux["mtp_loss"] = (self.mtp_weight, self.mtp(h, labels, loss_mask, self.embed, self.token_losses, ctx))
             aux.update(summed_aux(ctx.aux, self.aux_weights))
-        return Output(per_token=per_token, mask=mask if select is not None else None, aux=aux)
+        if picked is None:
+            return Output(per_token=per_token, aux=aux)
+        return Output(per_token=per_token, mask=picked.mask, weight=picked.weight, aux=aux, stats=picked.stats)
 
-    def readout(self, h: torch.Tensor, labels: torch.Tensor | None, select=None, mask: torch.Tensor | None = None):
-        """(logits, None) without labels, else (per-token losses, selection mask or None) from final hidden
-        states (see `forward`); `mask` reuses an earlier selection."""
+    def readout(self, h: torch.Tensor, labels: torch.Tensor | None, select=None, picked=None):
+        """(logits, None) without labels, else (per-token losses, `sgt.Picked` or None) from final hidden
+        states (see `forward`); `picked` reuses an earlier selection."""
         if labels is None:
             return self.logits(h), None
         if select is None or select.full_loss:
             losses = self.token_losses(h, labels)
-            return losses, (None if select is None else mask if mask is not None else select(losses.detach))
-        if mask is None:
-            mask = select(lambda: self.scoring_losses(h.detach(), labels))
+            return losses, (None if select is None else picked if picked is not None else select(losses.detach))
+        if picked is None:
+            picked = select(lambda: self.scoring_losses(h.detach(), labels))
         # Index ops with the count known on the host (`select.total`): boolean indexing would stop the host
-        # for the size of its result on every micro-batch.
-        idx = mask.reshape(-1).nonzero_static(size=select.total).squeeze(1)
-        picked = self.token_losses(h.reshape(-1, h.shape[-1]).index_select(0, idx).unsqueeze(0),
-                                   labels.reshape(-1).index_select(0, idx).unsqueeze(0))[0]
-        full = torch.zeros(labels.numel(), dtype=picked.dtype, device=picked.device).index_copy(0, idx, picked)
-        return full.view(labels.shape), mask
+        # for the size of its result on every micro-batch. A Poisson draw's count varies: its head is padded to
+        # a fixed size with an index one past the end, which reads an appended zero row and writes a dropped slot.
+        n = labels.numel()
+        flat_h, flat_y = h.reshape(n, -1), labels.reshape(-1)
+        if select.padded:
+            flat_h, flat_y = torch.cat([flat_h, flat_h.new_zeros(1, flat_h.shape[1])]), torch.cat([flat_y, flat_y[:1]])
+        idx = picked.mask.reshape(-1).nonzero_static(size=select.total, fill_value=n).squeeze(1)
+        losses = self.token_losses(flat_h.index_select(0, idx).unsqueeze(0), flat_y.index_select(0, idx).unsqueeze(0))[0]
+        full = torch.zeros(n + 1, dtype=losses.dtype, device=losses.device).index_copy(0, idx, losses)
+        return full[:n].view(labels.shape), picked
 
     def token_losses(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return token_losses(self.logits(h), labels)
