@@ -136,6 +136,7 @@ class SGTConfig:
     sampling: str = "top"
     temperature: float = 1.0  # poisson/conditional: pi ~ score^(1/T); large T tends to uniform
     max_weight: float = 0.0  # clip the 1/pi loss weights at this (biased, less variance); 0: no clipping
+    seed: int = 0  # with train.seed, seeds random's scores and the draws: another value, another draw of the same batches
     scope: str = "sequence"  # sequence: round(ratio*n) per sequence; batch: per micro-batch
     anchor_weight: float = 0.0  # a: L = (1-a) L_selected + a L_full
     reference: str = ""  # checkpoint (run dir or tag dir) of the frozen reference model, for policy=excess

@@ -299,8 +299,9 @@ class SGT:
     """The trainer's SGT state: the policy, the frozen reference model (policy=excess), the probe."""
 
     def __init__(self, cfg, layout, device: torch.device):
-        self.cfg, self.device, self.seed = cfg.sgt, device, cfg.train.seed
-        self.policy = build_policy(cfg.sgt, cfg.train.seed, cfg.model.vocab_size, cfg.data.paths,
+        self.cfg, self.device = cfg.sgt, device
+        self.seed = cfg.train.seed + 1_000_033 * cfg.sgt.seed
+        self.policy = build_policy(cfg.sgt, self.seed, cfg.model.vocab_size, cfg.data.paths,
                                    cfg.data.tokenizer_model)
         self.reference = load_reference(cfg.sgt.reference, cfg.model.vocab_size, layout, device,
                                         compute_dtype(cfg.train.precision, device)) \
@@ -328,7 +329,8 @@ class SGT:
 
     def head_flops_saved(self, model_cfg) -> float:
         """Training FLOPs per token not spent, against full supervision: the head's forward and backward
-        on unselected positions, less a forward pass on all positions when the policy scores by loss."""
+        on unselected positions, less a forward pass on all positions when the policy scores by loss. Under
+        `poisson` the expected count: the bucket's padding rows are computed but are not useful work."""
         head = 2.0 * model_cfg.vocab_size * model_cfg.hidden_size
         saved = 3 * head * (1 - self.cfg.ratio) if self.cfg.anchor_weight == 0 else 0.0
         return saved - (head if self.policy.needs_losses and self.cfg.anchor_weight == 0 else 0.0)

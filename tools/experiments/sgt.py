@@ -5,7 +5,8 @@
 Runs on the shipped corpus, one process each (re-running resumes or skips finished runs):
   full        every position supervised, `steps` steps;
   full-15pct  every position supervised, round(ratio * steps) steps (the same number of supervised tokens);
-  sgt-<policy> for random, frequency, payload, loss, excess: ratio of the positions supervised, `steps` steps
+  sgt-random   ratio of the positions supervised, uniformly, `steps` steps;
+  sgt-<policy>-<sampling> for frequency, payload, loss, excess under top, poisson and conditional sampling
               (excess uses full-15pct's final checkpoint as its frozen reference);
   sgt-random-shuffled  sgt-random on token-shuffled samples: the control for gradient coupling.
 Every SGT run probes gamma (cosine of the supervised and unsupervised positions' gradients) every
@@ -23,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from tools.experiments.common import run  # noqa: E402
 
-POLICIES = ("random", "frequency", "payload", "loss", "excess")
+POLICIES = ("frequency", "payload", "loss", "excess")
+SAMPLING = ("top", "poisson", "conditional")
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -49,7 +51,8 @@ def plot(results: dict, path: Path, title: str) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5))
     for i, (name, r) in enumerate(results.items()):
-        steps, style = sorted(r["eval"]), {"color": f"C{i}", "ls": "--" if "shuffled" in name else "-", "label": name}
+        ls = "--" if "shuffled" in name or name.endswith("-conditional") else ":" if name.endswith("-top") else "-"
+        steps, style = sorted(r["eval"]), {"color": f"C{i % 10}", "ls": ls, "label": name}
         a.plot(steps, [r["eval"][s] for s in steps], marker="o", ms=3, **style)
         if "gammas" in r:
             b.plot(*zip(*r["gammas"]), marker=".", **style)
@@ -100,7 +103,9 @@ def report(results: dict, args, out: Path, commands: list[str]) -> str:
         f"- Claim: 15% supervision of payload tokens recovers ~67% of the full-sequence loss reduction "
         f"(4.5x per supervised token). Here the best policy, `{best}`, recovered "
         f"{results[best]['recovered']:.1%} ({results[best]['recovered'] / args.ratio:.2f}x per supervised token); "
-        f"`sgt-payload` recovered {results['sgt-payload']['recovered']:.1%}; full supervision on "
+        f"`sgt-payload` recovered {results['sgt-payload-top']['recovered']:.1%} under `top`, "
+        f"{results['sgt-payload-poisson']['recovered']:.1%} under `poisson`, "
+        f"{results['sgt-payload-conditional']['recovered']:.1%} under `conditional`; full supervision on "
         f"{args.ratio:.0%} of the steps recovered {results['full-15pct']['recovered']:.1%}.",
         f"- Claim: gamma-bar > 0 (0.72 measured) and unsupervised tokens improve through the shared weights. "
         f"Our gamma (defined below) averaged {rnd.get('gamma_bar', float('nan')):.3f} for `sgt-random`; across "
@@ -120,7 +125,15 @@ def report(results: dict, args, out: Path, commands: list[str]) -> str:
             f"- {', '.join(f'`{n}`' for n in worse)} ended ABOVE the untrained loss: a policy that always picks "
             "the rarest targets trains the head on a target distribution skewed to rare pieces, and the frequent "
             "pieces that make up most held-out text pay for it. Supervising 'payload' by rarity is a biased "
-            "estimator of the full loss; uniform (random) selection is unbiased, which is why it wins here.")
+            "estimator of the full loss.")
+    rnd_rec = results["sgt-random"]["recovered"]
+    for mode in SAMPLING:
+        names = [f"sgt-{pol}-{mode}" for pol in POLICIES]
+        above = [n for n in names if results[n]["recovered"] > rnd_rec]
+        lines.append(f"- `{mode}`: recovered " + ", ".join(f"{n.split('-')[1]} {results[n]['recovered']:.1%}"
+                                                          for n in names)
+                     + f" (random {rnd_rec:.1%}); " + (f"above random: {', '.join(above)}." if above else
+                                                       "none above random."))
     lines += [
         "- Step times are medians of the logged steps and indicative only (other work shared the 2 cores during "
         "some runs); `bench/sgt_head.py` is the clean measurement of SGT's saving.",
@@ -132,11 +145,15 @@ def report(results: dict, args, out: Path, commands: list[str]) -> str:
         "replicated ones once; DP-summed) of the mean loss over the selected positions and that of the mean loss "
         "over the unselected positions, on the step's first micro-batch before the update; gamma-bar is its mean "
         f"over the run's probes (every {args.probe} steps).",
-        "- Policies: `random` uniform; `frequency` highest -log unigram probability of the target; `payload` the "
-        "same restricted first to content pieces (cherry_megatron/payload.py: no particles, endings, punctuation, "
-        "English function words); `loss` highest current loss; `excess` highest current-minus-reference loss, "
-        "the reference being `full-15pct`'s final checkpoint (a deviation from Rho-1, whose reference is trained "
-        "on curated data that this project does not have).",
+        "- Policies (score s): `random` uniform; `frequency` -log unigram probability of the target; `payload` the "
+        "same, content pieces first (cherry_megatron/payload.py: no particles, endings, punctuation, English "
+        "function words); `loss` current loss; `excess` current-minus-reference loss (s = exp(excess) under "
+        "sampling), the reference being `full-15pct`'s final checkpoint (a deviation from Rho-1, whose reference "
+        "is trained on curated data that this project does not have).",
+        "- Sampling: `top` the round(ratio n) highest scores per sequence, mean loss over them; `poisson` each "
+        "position with pi = min(1, c s^(1/T)) (T = 1, expected count ratio n), loss weighted 1/pi "
+        "(Horvitz-Thompson, unbiased for the full loss); `conditional` exactly round(ratio n) with the same pi "
+        "(conditional Poisson sampling). The logged training loss under sampling is that weighted estimate.",
         "- The same token budget: every run reads the same batches for `steps` steps except `full-15pct`.",
         "",
         "## Reproduce",
@@ -168,8 +185,10 @@ def main() -> None:
     sgt = [f"sgt.ratio={args.ratio}", f"sgt.probe_interval={args.probe}"]
     plan = [("full", args.steps, []), ("full-15pct", short, [f"train.warmup_steps={max(1, short // 10)}",
                                                              f"train.eval_interval={max(1, short // 4)}"])]
-    plan += [(f"sgt-{pol}", args.steps, sgt + [f"sgt.policy={pol}"] +
-              ([f"sgt.reference={runs / 'full-15pct'}"] if pol == "excess" else [])) for pol in POLICIES]
+    plan.append(("sgt-random", args.steps, sgt + ["sgt.policy=random"]))
+    plan += [(f"sgt-{pol}-{mode}", args.steps, sgt + [f"sgt.policy={pol}", f"sgt.sampling={mode}"] +
+              ([f"sgt.reference={runs / 'full-15pct'}"] if pol == "excess" else []))
+             for pol in POLICIES for mode in SAMPLING]
     plan.append(("sgt-random-shuffled", args.steps, sgt + ["sgt.policy=random", "data.shuffle_tokens=true"]))
     results, commands = {}, []
     for name, steps, sets in plan:
