@@ -73,6 +73,16 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
                           f"got {g.max_weight}")
     if g.scope not in ("sequence", "batch"):
         raise ConfigError(f"sgt.scope must be sequence or batch, got '{g.scope}'")
+    if g.sampling == "top" and (g.temperature != 1.0 or g.max_weight):
+        raise ConfigError("sgt.temperature and sgt.max_weight shape a drawn selection: they need "
+                          "sgt.sampling=poisson or conditional (top takes the best-scored positions, unweighted)")
+    if g.seed < 0:
+        raise ConfigError(f"sgt.seed must be >= 0, got {g.seed}")
+    if g.sampling == "conditional" and g.scope == "batch" and g.ratio < 1:
+        # Its sampler keeps a table of (positions x count) per group and walks the positions in order: per
+        # sequence that is 256 x 38 at 15%; a whole micro-batch of 8 x 4096 would be 32768 x 4915.
+        raise ConfigError("sgt.sampling=conditional draws per sequence: use sgt.scope=sequence (or "
+                          "sgt.sampling=poisson, which any scope takes)")
     if not 0 <= g.anchor_weight < 1:
         raise ConfigError(f"sgt.anchor_weight must be in [0, 1), got {g.anchor_weight}")
     if g.policy == "excess" and g.ratio < 1 and not g.reference:

@@ -97,8 +97,8 @@ def content_pieces(tokenizer_model: str, vocab_size: int) -> np.ndarray:
     if kind(tokenizer_model) == "huggingface":
         for i, piece, special, byte_level in hf_pieces(tokenizer_file(tokenizer_model)):
             if i < vocab_size:
-                if byte_level and not special:
-                    out[i] = not is_function_bytes(bytes(byte_decoder().get(ch, 0) for ch in piece))
+                if byte_level and not special and all(ch in byte_decoder() for ch in piece):
+                    out[i] = not is_function_bytes(bytes(byte_decoder()[ch] for ch in piece))
                 else:
                     byte = re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece) is not None
                     out[i] = not is_function_piece(piece, special, byte)
@@ -119,8 +119,10 @@ def hf_pieces(path: str):
     added = {t["id"]: t for t in spec.get("added_tokens", [])}
     vocab = spec.get("model", {}).get("vocab", {})
     items = vocab.items() if isinstance(vocab, dict) else ((p[0], i) for i, p in enumerate(vocab))  # Unigram: list
+    seen = set()
     for piece, i in items:
+        seen.add(i)
         yield i, piece, i in added and added[i].get("special", False), byte_level
     for i, t in added.items():
-        if t["content"] not in vocab:
+        if i not in seen:
             yield i, t["content"], t.get("special", False), False

@@ -27,7 +27,7 @@ gradient of the loss on supervised positions and that of the loss on unsupervise
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional
 
 import numpy as np
@@ -108,9 +108,17 @@ class RandomPolicy(Policy):
 class FrequencyPolicy(Policy):
     def __init__(self, counts: np.ndarray):
         self.info = information(counts)
+        self._on: dict = {}
+
+    def on(self, name: str, device: torch.device) -> torch.Tensor:
+        """A per-vocabulary table on `device`, copied once: a copy per micro-batch from pageable host memory
+        would make the host wait for the device's queue."""
+        if (name, device) not in self._on:
+            self._on[(name, device)] = getattr(self, name).to(device)
+        return self._on[(name, device)]
 
     def scores(self, labels, key, losses=None, ref_losses=None):
-        return self.info.to(labels.device)[labels]
+        return self.on("info", labels.device)[labels]
 
 
 class LossPolicy(Policy):
@@ -141,7 +149,7 @@ class PayloadPolicy(FrequencyPolicy):
         self.info = self.info - 1e4 * function.float()
 
     def log_scores(self, labels, key, losses=None, ref_losses=None):
-        return self.log_info.to(labels.device)[labels]
+        return self.on("log_info", labels.device)[labels]
 
 
 def information(counts: np.ndarray) -> torch.Tensor:
@@ -210,11 +218,14 @@ class Selection:
     temperature: float = 1.0
     max_weight: float = 0.0
     seed: int = 0  # with `key`, seeds the draw: the same positions on every rank that reads this sample
+    counts: list[int] = field(init=False)  # positions selected per group (Poisson: their expected count rounded)
 
     def __post_init__(self):
         if self.sizes is None:
             self.sizes = group_sizes(self.valid, self.scope)
         self.counts = [selected_count(self.ratio, n) for n in self.sizes]
+        if self.sampling == "conditional":  # a short row with round(ratio n) = 0 would never be estimated
+            self.counts = [max(c, 1) if n else 0 for c, n in zip(self.counts, self.sizes)]
 
     @property
     def padded(self) -> bool:
@@ -239,8 +250,9 @@ class Selection:
         shape, dev = self.valid.shape, self.valid.device
         groups = shape[0] if self.scope == "sequence" else 1
         valid = self.valid.reshape(groups, -1)
-        # Uniforms from the host (the same numbers on every device type and rank), a stream apart from random's.
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.key) * 2 + 1)
+        # Uniforms from the host (the same numbers on every device type and rank); SeedSequence mixes
+        # (seed, key, 1) so no other (seed, key) pair, nor random's scores, shares the stream.
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.key, 1]).generate_state(1)[0]))
         u = distributed.to_device(torch.rand(valid.shape, generator=g, dtype=torch.float64), dev)
         dropped = torch.zeros((), device=dev)
         if self.sampling == "poisson":

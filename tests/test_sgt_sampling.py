@@ -11,7 +11,7 @@ from cherry_megatron.errors import ConfigError
 from cherry_megatron.losses import sgt_objective
 from cherry_megatron.model.gpt import GPT
 from cherry_megatron.sgt import FrequencyPolicy, LossPolicy, PayloadPolicy, RandomPolicy, Selection, selected_count
-from cherry_megatron.sgt_sampling import cps_inclusion, fit_cps, inclusion_probabilities, poisson_bucket
+from cherry_megatron.sgt_sampling import cps_draw, cps_inclusion, fit_cps, inclusion_probabilities, poisson_bucket
 from conftest import run_cli
 
 
@@ -85,26 +85,40 @@ def test_conditional_takes_exactly_round_ratio_n_with_inclusion_pi():
     assert abs(est.mean() - full) < 4 * est.std() / math.sqrt(draws)
 
 
-def test_cps_inclusion_matches_enumeration_and_the_fit_reaches_pi():
-    """The design's inclusion probabilities equal a brute-force sum over all C(9, 3) subsets (an excluded position
-    too), and the fit reaches a skewed target (1024 positions, 154 drawn, scores spanning 4 decades) to 1e-8."""
+def _enumerated(logw: torch.Tensor, m: int) -> torch.Tensor:
+    """Inclusion probabilities of P(S) ~ prod w over all subsets of size m, by brute force."""
+    w, total, inc = logw.exp(), 0.0, torch.zeros(len(logw), dtype=torch.float64)
+    for subset in itertools.combinations(range(len(logw)), m):
+        p = torch.prod(w[list(subset)])
+        total += p
+        inc[list(subset)] += p
+    return inc / total
+
+
+def test_cps_inclusion_and_draw_match_enumeration_and_the_fit_reaches_pi():
+    """The design's inclusion probabilities equal a brute-force sum over all subsets (rows of different sizes, an
+    excluded position); 40000 draws of the sequential sampler hit them within 5 standard errors, always exactly m;
+    the fit reaches a skewed target (1024 positions, 154 drawn, scores spanning 4 decades) to 1e-6."""
     torch.manual_seed(0)
     logw = torch.randn(2, 9, dtype=torch.float64) * 3
     logw[1, 2] = float("-inf")
-    got = cps_inclusion(logw, torch.tensor([3, 3]), 3)
-    for row in range(2):
-        w, total, inc = logw[row].exp(), 0.0, torch.zeros(9, dtype=torch.float64)
-        for subset in itertools.combinations(range(9), 3):
-            p = torch.prod(w[list(subset)])
-            total += p
-            inc[list(subset)] += p
-        assert torch.allclose(got[row], inc / total, atol=1e-12)
+    m = torch.tensor([3, 2])
+    got = cps_inclusion(logw, m, 3)
+    exact = torch.stack([_enumerated(logw[r], int(m[r])) for r in range(2)])
+    assert torch.allclose(got, exact, atol=1e-12)
+    reps = 20000
+    rows = logw.repeat(reps, 1)
+    drawn = cps_draw(rows, m.repeat(reps), torch.rand(2 * reps, 9, dtype=torch.float64), 3)
+    assert torch.equal(drawn.sum(1), m.repeat(reps))
+    freq = drawn.view(reps, 2, 9).double().mean(0)
+    se = (exact * (1 - exact) / reps).sqrt().clamp(min=1e-12)
+    assert ((freq - exact).abs() <= 5 * se + 1e-12).all(), (freq - exact) / se
     scores = torch.rand(1, 1024, dtype=torch.float64).pow(4) * 10 + 1e-3
     pi = inclusion_probabilities(scores.log(), torch.ones(1, 1024, dtype=torch.bool), torch.tensor([154]), 0.5)
     assert (pi == 1).any() and pi.min() < 1e-6  # capped positions and near-zero ones: the hard case
     drawn = torch.where(pi < 1, pi, torch.zeros_like(pi))
-    _, design = fit_cps(drawn, torch.tensor([154]) - (pi == 1).sum(1), 154)
-    assert (design - drawn).abs().max() < 1e-8
+    _, design, _ = fit_cps(drawn, torch.tensor([154]) - (pi == 1).sum(1), 154)
+    assert (design - drawn).abs().max() < 1e-6
 
 
 def test_inclusion_probabilities_follow_the_formula():
@@ -118,6 +132,45 @@ def test_inclusion_probabilities_follow_the_formula():
     assert pi[0] == 1.0 and pi[6] == 0.0
     c = 1.5 / a[1:].sum()  # the first is capped, the rest share 2.5 - 1
     assert np.allclose(pi[1:], np.minimum(1, c * a[1:])) and abs(pi.sum() - 2.5) < 1e-12
+
+
+@pytest.mark.parametrize("sampling", ["poisson", "conditional"])
+def test_no_valid_position_is_left_out(sampling):
+    """Scores 900 nats apart (a loss near 0 at a small temperature) and rows too short for round(0.15 n) > 0:
+    every valid position keeps pi > 0 (the weights stay finite), conditional still draws its exact count."""
+    log_s = torch.zeros(3, 10)
+    log_s[0, 2:] = -900.0
+    valid = torch.ones(3, 10, dtype=torch.bool)
+    valid[2, 3:] = False  # 3 valid positions: round(0.45) = 0
+    pi = inclusion_probabilities(log_s, valid, torch.tensor([3.0, 3.0, 0.45]))
+    assert (pi[valid] > 0).all() and torch.isfinite(1 / pi[valid]).all()
+    policy = FrequencyPolicy(np.ones(10))
+    policy.log_scores = lambda labels, key, losses=None, ref_losses=None: log_s  # the scores above
+    for key in range(20):
+        picked = Selection(policy, 0.3, "sequence", torch.zeros(3, 10, dtype=torch.long), valid, key,
+                           sampling=sampling)(None)
+        assert torch.isfinite(picked.weight).all()
+        if sampling == "conditional":
+            assert picked.mask.sum(1).tolist() == [3, 3, 1]
+
+
+def test_a_poisson_draw_past_its_bucket_drops_and_counts_the_excess(monkeypatch, world_of_one):
+    """With the bucket forced below the draw, the excess positions are dropped from the mask, counted in
+    `sgt_dropped`, and the gathered loss still equals the masked weighted full loss."""
+    import cherry_megatron.sgt as sgt
+
+    monkeypatch.setattr(sgt, "poisson_bucket", lambda expected, n: 5)
+    cfg = load_config("tiny", ["model.vocab_size=256", "model.num_layers=1"]).model
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    tokens, labels = torch.randint(0, 256, (2, 40)), torch.randint(0, 256, (2, 40))
+    valid = torch.ones(2, 40, dtype=torch.bool)
+    sel = Selection(RandomPolicy(0), 0.3, "sequence", labels, valid, 1, sampling="poisson")
+    out = model(tokens, labels, select=sel)
+    assert out.mask.sum() == 5 and out.stats["sgt_dropped"] > 0
+    full = model(tokens, labels).per_token
+    assert torch.allclose(sgt_objective(out.per_token, out.mask, valid, 0.0, out.weight),
+                          (full * out.weight).sum() / valid.sum(), atol=1e-6)
 
 
 def test_payload_scores_keep_function_pieces_possible():
@@ -148,6 +201,11 @@ def test_gathered_weighted_loss_equals_masked_weighted_full_loss(sampling, world
         assert out.mask.any() and abs(gathered.item() - masked.item()) < 1e-5
         assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g1, g2))
         assert out.stats["sgt_dropped"] == 0
+    anchored = Selection(RandomPolicy(3), 0.15, "sequence", labels, valid, key=5, sampling=sampling, full_loss=True)
+    out = model(tokens, labels, select=anchored)
+    full = model(tokens, labels).per_token
+    expect = 0.7 * (full * out.weight).sum() / valid.sum() + 0.3 * (full * valid).sum() / valid.sum()
+    assert abs(sgt_objective(out.per_token, out.mask, valid, 0.3, out.weight).item() - expect.item()) < 1e-5
     if sampling == "poisson":  # the head is padded to the bucket, a fixed size above the mean count
         assert sel.total == poisson_bucket(0.15 * int(valid.sum()), int(valid.sum())) > 0.15 * int(valid.sum())
 
@@ -166,6 +224,7 @@ def test_weight_clipping_caps_and_is_logged():
 @pytest.mark.parametrize("override, message", [
     (["sgt.sampling=bernoulli"], "sgt.sampling must be one of"), (["sgt.temperature=0"], "must be positive"),
     (["sgt.max_weight=0.5"], "at least 1"),
+    (["sgt.ratio=0.15", "sgt.sampling=conditional", "sgt.scope=batch"], "draws per sequence"),
 ])
 def test_bad_sampling_config(override, message):
     with pytest.raises(ConfigError, match=message):

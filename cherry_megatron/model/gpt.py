@@ -146,13 +146,12 @@ class GPT(nn.Module):
             picked = select(lambda: self.scoring_losses(h.detach(), labels))
         # Index ops with the count known on the host (`select.total`): boolean indexing would stop the host
         # for the size of its result on every micro-batch. A Poisson draw's count varies: its head is padded to
-        # a fixed size with an index one past the end, which reads an appended zero row and writes a dropped slot.
+        # a fixed size; a pad (index n) reads the last row, and its loss lands in a slot past the end, dropped.
         n = labels.numel()
-        flat_h, flat_y = h.reshape(n, -1), labels.reshape(-1)
-        if select.padded:
-            flat_h, flat_y = torch.cat([flat_h, flat_h.new_zeros(1, flat_h.shape[1])]), torch.cat([flat_y, flat_y[:1]])
         idx = picked.mask.reshape(-1).nonzero_static(size=select.total, fill_value=n).squeeze(1)
-        losses = self.token_losses(flat_h.index_select(0, idx).unsqueeze(0), flat_y.index_select(0, idx).unsqueeze(0))[0]
+        src = idx.clamp(max=n - 1)
+        losses = self.token_losses(h.reshape(n, -1).index_select(0, src).unsqueeze(0),
+                                   labels.reshape(-1).index_select(0, src).unsqueeze(0))[0]
         full = torch.zeros(n + 1, dtype=losses.dtype, device=losses.device).index_copy(0, idx, losses)
         return full[:n].view(labels.shape), picked
 
