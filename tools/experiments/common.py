@@ -27,6 +27,30 @@ def run(name: str, run_dir: Path, config: str, steps: int, sets: list[str]) -> l
     return read_metrics(run_dir)
 
 
+def heldout(load: str, data: str, seq_length: int, max_tokens: int = 0, batch_size: int = 8) -> dict:
+    """`cherry_megatron.evaluate`'s result ({loss, ppl, tokens}) for a checkpoint or model dir on a data prefix."""
+    proc = subprocess.run([sys.executable, "-m", "cherry_megatron.evaluate", "--load", str(load), "--data", data,
+                           "--seq-length", str(seq_length), "--max-tokens", str(max_tokens), "--batch-size",
+                           str(batch_size)], cwd=ROOT, env=child_env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"evaluate {load} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def policy_runs(steps: int, sgt: list[str], reference: Path, policies, sampling) -> list[tuple[str, int, list[str]]]:
+    """(name, steps, sets) of sgt-<policy>-<sampling> for every pair; excess scores against `reference`."""
+    return [(f"sgt-{pol}-{mode}", steps, sgt + [f"sgt.policy={pol}", f"sgt.sampling={mode}"] +
+             ([f"sgt.reference={reference}"] if pol == "excess" else [])) for pol in policies for mode in sampling]
+
+
+def write_report(path: Path, text: str) -> None:
+    """The report appears whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
 def add_compression_args(p, teacher_steps: int = 150, steps: int = 100) -> None:
     """The dense teacher -> compressed recurrent model options the depth and MoEE experiments share."""
     p.add_argument("--dense-layers", type=int, default=16)

@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 from cherry_megatron.distributed import child_env  # noqa: E402
 from cherry_megatron.metrics import read_metrics  # noqa: E402
 from tools.experiments.common import add_compression_args, common_sets, run, teacher_and_compressed  # noqa: E402
+from tools.experiments.common import heldout as evaluate  # noqa: E402
 
 TOKENIZER = "data/tokenizer/cherry_ko8k.model"
 
@@ -59,11 +60,7 @@ def split_by_language(src: Path, out_dir: Path, name: str) -> dict[str, str]:
 
 
 def heldout(run_dir: Path, data: str, seq_length: int) -> float:
-    proc = subprocess.run([sys.executable, "-m", "cherry_megatron.evaluate", "--load", str(run_dir), "--data", data,
-                           "--seq-length", str(seq_length)], cwd=ROOT, env=child_env(), capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"evaluate {run_dir} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])["loss"]
+    return evaluate(str(run_dir), data, seq_length)["loss"]
 
 
 def evals(rows: list[dict]) -> dict:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from tools.experiments.common import run  # noqa: E402
+from tools.experiments.common import policy_runs, run, write_report  # noqa: E402
 
 POLICIES = ("frequency", "payload", "loss", "excess")
 SAMPLING = ("top", "poisson", "conditional")
@@ -186,9 +186,7 @@ def main() -> None:
     plan = [("full", args.steps, []), ("full-15pct", short, [f"train.warmup_steps={max(1, short // 10)}",
                                                              f"train.eval_interval={max(1, short // 4)}"])]
     plan.append(("sgt-random", args.steps, sgt + ["sgt.policy=random"]))
-    plan += [(f"sgt-{pol}-{mode}", args.steps, sgt + [f"sgt.policy={pol}", f"sgt.sampling={mode}"] +
-              ([f"sgt.reference={runs / 'full-15pct'}"] if pol == "excess" else []))
-             for pol in POLICIES for mode in SAMPLING]
+    plan += policy_runs(args.steps, sgt, runs / "full-15pct", POLICIES, SAMPLING)
     plan.append(("sgt-random-shuffled", args.steps, sgt + ["sgt.policy=random", "data.shuffle_tokens=true"]))
     results, commands = {}, []
     for name, steps, sets in plan:
@@ -199,9 +197,7 @@ def main() -> None:
     plot(results, out / "sgt.png", f"{args.config}: held-out loss (all tokens)")
     text = report(results, args, out / "sgt.png", [" ".join(["python tools/experiments/sgt.py", *sys.argv[1:]]),
                                                     "# which runs:", *commands])
-    tmp = out / "sgt.md.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(out / "sgt.md")
+    write_report(out / "sgt.md", text)
     print(text)
     print(json.dumps({n: {k: r[k] for k in ("final", "recovered") if k in r} for n, r in results.items()}))
 

@@ -19,14 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from cherry_megatron.distributed import child_env  # noqa: E402
-from tools.experiments.common import run  # noqa: E402
+from tools.experiments.common import heldout, policy_runs, run, write_report  # noqa: E402
 from tools.experiments.sgt import summarize  # noqa: E402
 
 MODEL = "data/models/smollm2-135m"
@@ -41,10 +39,7 @@ def plan(args, runs: Path) -> list[tuple[str, int, list[str]]]:
     out = [("full", args.steps, []), ("full-15pct", short, [f"train.eval_interval={short}",
                                                             f"train.save_interval={short}"]),
            ("sgt-random", args.steps, sgt + ["sgt.policy=random"])]
-    for pol in POLICIES:
-        ref = [f"sgt.reference={runs / 'full-15pct'}"] if pol == "excess" else []
-        out += [(f"sgt-{pol}-{mode}", args.steps, sgt + [f"sgt.policy={pol}", f"sgt.sampling={mode}"] + ref)
-                for mode in SAMPLING]
+    out += policy_runs(args.steps, sgt, runs / "full-15pct", POLICIES, SAMPLING)
     # The same runs with another draw of positions (sgt.seed): how far apart two draws alone put a run
     out += [("sgt-random-draw2", args.steps, sgt + ["sgt.policy=random", "sgt.seed=1"]),
             ("sgt-frequency-poisson-draw2", args.steps, sgt + ["sgt.policy=frequency", "sgt.sampling=poisson",
@@ -54,20 +49,10 @@ def plan(args, runs: Path) -> list[tuple[str, int, list[str]]]:
 
 def english_loss(load: str, record: Path, args) -> float:
     """Held-out English loss of `load` (a run's final checkpoint, or the teacher), recorded in `record`."""
-    if record.exists():
-        return json.loads(record.read_text())["loss"]
-    cmd = [sys.executable, "-m", "cherry_megatron.evaluate", "--load", load, "--data",
-           f"{TOKENS}/heldout_en_text_document", "--seq-length", str(args.seq_length),
-           "--max-tokens", str(args.en_tokens), "--batch-size", "4"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"evaluate {load} failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    record.parent.mkdir(parents=True, exist_ok=True)
-    tmp = record.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(record)
-    return result["loss"]
+    if not record.exists():
+        result = heldout(load, f"{TOKENS}/heldout_en_text_document", args.seq_length, args.en_tokens, 4)
+        write_report(record, json.dumps(result))
+    return json.loads(record.read_text())["loss"]
 
 
 def plot(results: dict, path: Path) -> None:
@@ -191,8 +176,10 @@ def main() -> None:
     runs, out = Path(args.runs), Path(args.out)
     common = [f"data.paths=[{TOKENS}/train_ko_text_document]", f"data.eval_path={TOKENS}/heldout_ko_text_document",
               f"train.micro_batch_size={args.batch}", f"train.global_batch_size={args.batch}",
-              f"train.seq_length={args.seq_length}", f"train.lr={args.lr}", f"train.warmup_steps={max(1, args.steps // 10)}", f"train.eval_interval={args.steps}",
-              f"train.eval_tokens={args.eval_tokens}", f"train.save_interval={max(1, args.steps // 2)}", "train.log_interval=5"]
+              f"train.seq_length={args.seq_length}", f"train.lr={args.lr}",
+              f"train.warmup_steps={max(1, args.steps // 10)}", f"train.eval_interval={args.steps}",
+              f"train.eval_tokens={args.eval_tokens}", f"train.save_interval={max(1, args.steps // 2)}",
+              "train.log_interval=5"]
     en_start = english_loss(MODEL, runs / "teacher_eval_en.json", args)
     results, commands = {}, [" ".join(["python tools/experiments/sgt_adapt.py", *sys.argv[1:]]), "# which runs:"]
     for name, steps, sets in plan(args, runs):
@@ -212,9 +199,7 @@ def main() -> None:
     commands.append(f"python -m cherry_megatron.evaluate --load RUN_DIR --data {TOKENS}/heldout_en_text_document "
                     f"--seq-length {args.seq_length} --max-tokens {args.en_tokens} --batch-size 4")
     text = report(results, args, en_start, commands, "sgt_adapt.png")
-    tmp = out / "sgt_adapt.md.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(out / "sgt_adapt.md")
+    write_report(out / "sgt_adapt.md", text)
     print(text)
 
 
