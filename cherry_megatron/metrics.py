@@ -102,6 +102,25 @@ class MetricsLogger:
             self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
 
+    def resume_at(self, step: int) -> None:
+        """A run resumed from its checkpoint at `step`: rows an earlier attempt logged past it (steps it ran but
+        never saved, which this attempt runs again) are dropped from metrics.jsonl and TensorBoard, so every step
+        appears once. A run starting over (step 0) keeps none."""
+        if not self.enabled:
+            return
+        self.file.close()
+        path = Path(self.file.name)
+        keep = [r for r in read_metrics(path.parent) if step and r["step"] <= step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
+        tmp.replace(path)
+        self.file = open(path, "a", encoding="utf-8")
+        log_dir = self.tb.log_dir
+        self.tb.close()
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(log_dir, purge_step=step + 1 if step else 0)
+
     def log(self, step: int, **values) -> None:
         if not self.enabled:
             return

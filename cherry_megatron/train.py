@@ -326,6 +326,7 @@ class Trainer:
     def fit(self, preemption: faults.Preemption | None = None) -> dict:
         t = self.cfg.train
         start = self.resume()
+        self.metrics.resume_at(start)
         self.saved_step = start
         setup = self.memory()  # after building, partitioning and loading, before any step
         self.metrics.log(start, setup_peak_memory_gib=setup["peak_memory_gib"], base_memory_gib=setup["base_memory_gib"],

@@ -79,9 +79,13 @@ def test_crash_in_the_middle_of_a_checkpoint_write_resumes_from_the_previous_one
                    env={FAULT_ENV: "crash_in_save@6"})
     assert proc.returncode == 1 and "fault injected: crash after writing" in proc.stderr, proc.stderr[-3000:]
     assert latest(run_dir) == "global_step3" and (run_dir / "checkpoints" / "global_step6").is_dir()
+    before = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
     proc = train(run_dir)
     assert "start_step=3" in proc.stdout
     assert final(run_dir)["loss"] == pytest.approx(final(baseline)["loss"], rel=1e-6)
+    # Steps 4-6 ran twice; metrics.jsonl holds each once, the resumed attempt's (its rows past step 3 were dropped)
+    assert before == [1, 2, 3, 4, 5, 6] and [r["step"] for r in read_metrics(run_dir) if "loss" in r] == before
+    assert [r["step"] for r in read_metrics(run_dir) if "eval_loss" in r] == [0, 3, 6]
 
 
 def test_non_finite_losses_skip_their_updates_then_stop_the_run(corpus, tmp_path):

@@ -29,9 +29,10 @@ SAMPLING = ("top", "poisson", "conditional")
 
 
 def summarize(rows: list[dict]) -> dict:
+    # By step, the last row winning: a run resumed by an older trainer holds the unsaved steps of its first attempt
     evals = {r["step"]: r["eval_loss"] for r in rows if r.get("eval_loss") is not None}
-    probes = [r for r in rows if r.get("gamma") is not None]
-    train = [r for r in rows if r.get("step_time_s") is not None]
+    probes = list({r["step"]: r for r in rows if r.get("gamma") is not None}.values())
+    train = list({r["step"]: r for r in rows if r.get("step_time_s") is not None}.values())
     out = {"eval": evals, "start": evals[min(evals)], "final": evals[max(evals)],
            "step_s": sorted(r["step_time_s"] for r in train)[len(train) // 2] if train else float("nan")}
     if probes:
