@@ -51,7 +51,7 @@ def inclusion_probabilities(log_scores: torch.Tensor, valid: torch.Tensor, m: to
     m = m.double()[:, None]
     c = (m - k) / rest.clamp(min=1e-300)
     ok = (c * srt <= 1.0 + 1e-12) & (k < m)
-    c = c.gather(1, ok.to(torch.int8).argmax(1, keepdim=True))
+    c = c.gather(1, ok.double().argmax(1, keepdim=True))  # the first k that holds (argmax: first maximum)
     pi = c * a
     pi = torch.where(pi > 1.0 - 1e-9, torch.ones_like(pi), pi)  # the capped ones, and one a rounding off 1
     pi = torch.where(m >= valid.sum(1, keepdim=True), torch.ones_like(pi), pi)
