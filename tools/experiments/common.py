@@ -43,6 +43,11 @@ def policy_runs(steps: int, sgt: list[str], reference: Path, policies, sampling)
              ([f"sgt.reference={reference}"] if pol == "excess" else [])) for pol in policies for mode in sampling]
 
 
+def reproduce(commands: list[str], image: str, caption: str) -> list[str]:
+    """A report's closing lines: the commands that made it, then its figure."""
+    return ["", "## Reproduce", "", "```", *commands, "```", "", f"![{caption}]({image})"]
+
+
 def write_report(path: Path, text: str) -> None:
     """The report appears whole or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from tools.experiments.common import policy_runs, run, write_report  # noqa: E402
+from tools.experiments.common import policy_runs, reproduce, run, write_report  # noqa: E402
 
 POLICIES = ("frequency", "payload", "loss", "excess")
 SAMPLING = ("top", "poisson", "conditional")
@@ -156,14 +156,7 @@ def report(results: dict, args, out: Path, commands: list[str]) -> str:
         "(Horvitz-Thompson, unbiased for the full loss); `conditional` exactly round(ratio n) with the same pi "
         "(conditional Poisson sampling). The logged training loss under sampling is that weighted estimate.",
         "- The same token budget: every run reads the same batches for `steps` steps except `full-15pct`.",
-        "",
-        "## Reproduce",
-        "",
-        "```",
-        *commands,
-        "```",
-        "",
-        f"![held-out loss and gamma]({out.name})",
+        *reproduce(commands, out.name, "held-out loss and gamma"),
     ]
     return "\n".join(lines) + "\n"
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from tools.experiments.common import heldout, policy_runs, run, write_report  # noqa: E402
+from tools.experiments.common import heldout, policy_runs, reproduce, run, write_report  # noqa: E402
 from tools.experiments.sgt import summarize  # noqa: E402
 
 MODEL = "data/models/smollm2-135m"
@@ -168,14 +168,7 @@ def report(results: dict, args, en_start: float, commands: list[str], png: str, 
         f"- gamma-bar: mean over the run's probes (every {args.probe} steps) of the cosine between the gradients of "
         "the supervised and the unsupervised positions' mean losses (reports/sgt.md defines it).",
         "- Step times are medians of the logged steps; the probe steps' extra passes are not in them.",
-        "",
-        "## Reproduce",
-        "",
-        "```",
-        *commands,
-        "```",
-        "",
-        f"![Korean held-out loss and forgetting]({png})",
+        *reproduce(commands, png, "Korean held-out loss and forgetting"),
     ]
     return "\n".join(lines) + "\n"
 
