@@ -65,10 +65,8 @@ def is_function_piece(piece: str, is_control: bool = False, is_byte: bool = Fals
     return text in KOREAN_FUNCTION or text.lower() in ENGLISH_FUNCTION
 
 
-def is_function_bytes(raw: bytes, is_special: bool = False) -> bool:
+def is_function_bytes(raw: bytes) -> bool:
     """A byte-level BPE piece (its bytes): judged by its text, or payload when it is part of a character."""
-    if is_special:
-        return True
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
