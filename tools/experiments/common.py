@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from cherry_megatron.distributed import child_env
@@ -46,6 +47,20 @@ def policy_runs(steps: int, sgt: list[str], reference: Path, policies, sampling)
 def reproduce(commands: list[str], image: str, caption: str) -> list[str]:
     """A report's closing lines: the commands that made it, then its figure."""
     return ["", "## Reproduce", "", "```", *commands, "```", "", f"![{caption}]({image})"]
+
+
+def recorded(record: Path, command: str, produce: Callable[[], dict]) -> dict:
+    """A finished run's result, kept in `record` (under reports/, committed) so that an experiment longer than one
+    machine's life goes on run by run on the next one: runs/ is scratch and leaves with the machine. A record that
+    another command wrote is made again."""
+    if record.exists():
+        saved = json.loads(record.read_text())
+        if saved.get("command") == command:
+            return saved["result"]
+        print(f"[{record.stem}] recorded by another command: running it again", flush=True)
+    result = produce()
+    write_report(record, json.dumps({"command": command, "result": result}, indent=1) + "\n")
+    return result
 
 
 def write_report(path: Path, text: str) -> None:

@@ -11,7 +11,9 @@ Runs on the shipped corpus, one process each (re-running resumes or skips finish
   sgt-random-shuffled  sgt-random on token-shuffled samples: the control for gradient coupling.
 Every SGT run probes gamma (cosine of the supervised and unsupervised positions' gradients) every
 `--probe` steps. Held-out loss is over ALL tokens of the held-out split (no selection at evaluation).
-Writes reports/sgt.md (table, setup, commands, what it means against the CHERRY claims) and reports/sgt.png.
+Writes reports/sgt.md (table, setup, commands, what it means against the CHERRY claims) and reports/sgt.png; each
+finished run's metric rows are recorded in reports/records/sgt/<run>.json (committed: the report can be finished on
+another machine).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from tools.experiments.common import policy_runs, reproduce, run, write_report  # noqa: E402
+from tools.experiments.common import policy_runs, recorded, reproduce, run, write_report  # noqa: E402
 
 POLICIES = ("frequency", "payload", "loss", "excess")
 SAMPLING = ("top", "poisson", "conditional")
@@ -184,9 +186,16 @@ def main() -> None:
     plan.append(("sgt-random-shuffled", args.steps, sgt + ["sgt.policy=random", "data.shuffle_tokens=true"]))
     results, commands = {}, []
     for name, steps, sets in plan:
-        results[name] = summarize(run(name, runs / name, args.config, steps, common + sets))
-        commands.append(f"python -m cherry_megatron.train --config {args.config} --run-dir {runs / name} --set "
-                        f"train.steps={steps} {' '.join(common + sets)}")
+        command = (f"python -m cherry_megatron.train --config {args.config} --run-dir {runs / name} --set "
+                   f"train.steps={steps} {' '.join(common + sets)}")
+        commands.append(command)
+
+        def produce(name=name, steps=steps, sets=sets) -> dict:
+            if any(s.startswith("sgt.reference=") for s in sets) and not (runs / "full-15pct/checkpoints").exists():
+                run(plan[1][0], runs / "full-15pct", args.config, plan[1][1], common + plan[1][2])  # the reference
+            return {"rows": run(name, runs / name, args.config, steps, common + sets)}
+
+        results[name] = summarize(recorded(out / "records" / "sgt" / f"{name}.json", command, produce)["rows"])
     out.mkdir(parents=True, exist_ok=True)
     plot(results, out / "sgt.png", f"{args.config}: held-out loss (all tokens)")
     text = report(results, args, out / "sgt.png", [" ".join(["python tools/experiments/sgt.py", *sys.argv[1:]]),

@@ -11,7 +11,9 @@ steps, except `full-15pct` (round(ratio * steps) steps: the same number of super
 Held-out Korean loss is the trainer's eval (all tokens of the first --eval-tokens of heldout_ko); held-out English
 (forgetting) is `cherry_megatron.evaluate` on heldout_en after the run. Each run is one trainer process, resumed
 when interrupted, skipped when done; a finished run's checkpoint is deleted once both losses are recorded (the
-reference's is kept). `--only` runs a subset (the report is written when every run is done).
+reference's is kept). A finished run's metric rows and English loss are recorded in
+reports/records/sgt_adapt/<run>.json (committed), so the experiment goes on run by run on another machine; a record
+of a different command is redone. `--only` runs a subset (the report is written when every run is done).
 Writes reports/sgt_adapt.md (+ .png) with the commands to reproduce.
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from tools.experiments.common import heldout, policy_runs, reproduce, run, write_report  # noqa: E402
+from tools.experiments.common import heldout, policy_runs, recorded, reproduce, run, write_report  # noqa: E402
 from tools.experiments.sgt import summarize  # noqa: E402
 
 MODEL = "data/models/smollm2-135m"
@@ -194,17 +196,30 @@ def main() -> None:
               f"train.warmup_steps={max(1, args.steps // 10)}", f"train.eval_interval={args.steps}",
               f"train.eval_tokens={args.eval_tokens}", f"train.save_interval={max(1, args.steps // 2)}",
               "train.log_interval=5"]
-    en_start = english_loss(MODEL, runs / "teacher_eval_en.json", args)
+    records = out / "records" / "sgt_adapt"
+    en_start = recorded(records / "teacher.json", f"english {MODEL} {args.en_tokens}",
+                        lambda: {"en": english_loss(MODEL, runs / "teacher_eval_en.json", args)})["en"]
     results, commands = {}, [" ".join(["python tools/experiments/sgt_adapt.py", *sys.argv[1:]]), "# which runs:"]
+    reference = plan(args, runs)[1]
     for name, steps, sets in plan(args, runs):
-        commands.append(f"python -m cherry_megatron.train --config {MODEL} --run-dir {runs / name} --set "
-                        f"train.steps={steps} {' '.join(common + sets)}")
+        command = (f"python -m cherry_megatron.train --config {MODEL} --run-dir {runs / name} --set "
+                   f"train.steps={steps} {' '.join(common + sets)}")
+        commands.append(command)
         if args.only and name not in args.only:
             continue
-        rows = run(name, runs / name, MODEL, steps, common + sets)
-        results[name] = {**summarize(rows), "en": english_loss(str(runs / name), runs / name / "eval_en.json", args)}
-        if name != "full-15pct" and (runs / name / "checkpoints").exists():
-            shutil.rmtree(runs / name / "checkpoints")  # 1.6 GB each; metrics, config and both losses stay
+
+        def produce(name=name, steps=steps, sets=sets) -> dict:
+            if any(s.startswith("sgt.reference=") for s in sets) and not (runs / "full-15pct/checkpoints").exists():
+                # The frozen reference's checkpoint left with an earlier machine: train it again (deterministic)
+                run(reference[0], runs / "full-15pct", MODEL, reference[1], common + reference[2])
+            rows = run(name, runs / name, MODEL, steps, common + sets)
+            en = english_loss(str(runs / name), runs / name / "eval_en.json", args)
+            if name != "full-15pct" and (runs / name / "checkpoints").exists():
+                shutil.rmtree(runs / name / "checkpoints")  # 1.6 GB each; metrics, config and both losses stay
+            return {"rows": rows, "en": en}
+
+        r = recorded(records / f"{name}.json", command, produce)
+        results[name] = {**summarize(r["rows"]), "en": r["en"]}
         print(json.dumps({name: {k: results[name][k] for k in ("final", "en")}}), flush=True)
     if args.only:
         return
