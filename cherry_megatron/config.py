@@ -32,6 +32,7 @@ class ModelConfig:
     num_heads: int = 4
     num_kv_heads: int = 0  # 0: same as num_heads (no grouped-query attention)
     ffn_hidden_size: int = 0  # 0: SwiGLU default, 8/3 * hidden rounded up to a multiple of 64
+    kv_channels: int = 0  # the head dimension; 0: hidden_size / num_heads (a pruned model keeps its heads' width)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
@@ -48,7 +49,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.kv_channels or self.hidden_size // self.num_heads
 
 
 @dataclass

@@ -14,7 +14,7 @@ SGT_SAMPLING = ("top", "poisson", "conditional")
 def validate(cfg, world_size: Optional[int] = None) -> None:
     """Checks that need no data or process group; `world_size` adds the layout checks."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
-    if m.hidden_size % m.num_heads:
+    if not m.kv_channels and m.hidden_size % m.num_heads:
         raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
     if m.num_heads % m.kv_heads:
         raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.kv_heads}")

@@ -51,6 +51,24 @@ def window_loss(forward, stream: np.ndarray, seq_length: int, max_tokens: int, b
     return (total[0] / total[1]).item(), int(total[1].item())
 
 
+def heldout_losses(models: list, data: str, max_tokens: int, seq_length: int = 0) -> list[float]:
+    """Held-out loss on `data` (CPU, one process, fp32) of each (Config, full state dict) in `models`: what the
+    compression and pruning tools print for the model before and after."""
+    from cherry_megatron import distributed
+    from cherry_megatron.checkpoint.consolidate import build_loaded
+    from cherry_megatron.config import ParallelConfig
+    from cherry_megatron.data.indexed import token_stream
+
+    stream = token_stream(data)
+    distributed.set_threads(0)
+    distributed.init(ParallelConfig())
+    try:
+        return [window_loss(build_loaded(cfg, state, "the model"), stream, seq_length or cfg.train.seq_length,
+                            max_tokens, 8, torch.device("cpu"))[0] for cfg, state in models]
+    finally:
+        distributed.shutdown()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--load", required=True, help="run dir, its checkpoints/ dir, or a checkpoint tag dir")

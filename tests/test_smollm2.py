@@ -246,3 +246,23 @@ def test_a_hugging_face_tokenizer_loads_after_a_sentencepiece_one_in_one_process
             f"t({str(corpus.tokenizer)!r}); print(t({str(smollm2.model)!r}).tokenize('hello world'))")
     proc = run_cli(["-c", code])
     assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == "[28120, 905]", proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_minitron_importance_prunes_smollm2_better_than_random(smollm2, tmp_path):
+    """The same shape (MLP 1536 -> 1024, heads 9 -> 6: two of each KV group's three) from Minitron's activation
+    importance and from random importance: the activation choice keeps far more of the model (6.03 against
+    10.93 held-out loss when written, 3.35 unpruned)."""
+    losses = {}
+    for importance in ("minitron", "random"):
+        proc = run_cli(["tools/prune.py", "--load", str(smollm2.model), "--calib", str(smollm2.train), "--output",
+                        str(tmp_path / importance), "--calib-samples", "16", "--seq-length", "128", "--target-ffn",
+                        "1024", "--target-heads", "6", "--importance", importance, "--eval-data",
+                        str(smollm2.heldout), "--eval-tokens", "2048"])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        losses[importance] = result["heldout_loss_after"]
+        assert result["heldout_loss_after"] > result["heldout_loss_before"]
+    assert losses["minitron"] < losses["random"] - 1.0, losses
+    cfg = json.loads((tmp_path / "minitron" / "cherry_config.json").read_text())["model"]
+    assert (cfg["ffn_hidden_size"], cfg["num_heads"], cfg["num_kv_heads"]) == (1024, 6, 3)

@@ -18,17 +18,6 @@ from pathlib import Path
 from cherry_megatron.errors import cli_errors
 
 
-def heldout_loss(cfg, state, data: str, tokens: int) -> float:
-    import torch
-
-    from cherry_megatron.checkpoint.consolidate import build_loaded
-    from cherry_megatron.data.indexed import token_stream
-    from cherry_megatron.evaluate import window_loss
-
-    model = build_loaded(cfg, state, "compressed model")
-    return window_loss(model, token_stream(data), cfg.train.seq_length, tokens, 8, torch.device("cpu"))[0]
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--load", required=True)
@@ -40,12 +29,12 @@ def main(argv=None) -> None:
     p.add_argument("--eval-tokens", type=int, default=16384, help="0: the whole file")
     args = p.parse_args(argv)
     with cli_errors():
-        from cherry_megatron import distributed
         from cherry_megatron.checkpoint.consolidate import save_consolidated
         from cherry_megatron.convert.load import load_consolidated
         from cherry_megatron.compress.depth import compress
-        from cherry_megatron.config import ParallelConfig, from_dict, to_yaml
+        from cherry_megatron.config import from_dict, to_yaml
         from cherry_megatron.errors import CheckpointError
+        from cherry_megatron.evaluate import heldout_losses
         from cherry_megatron.model import parameter_count
 
         if Path(args.output).exists():
@@ -66,13 +55,8 @@ def main(argv=None) -> None:
                   "params_dense": before["total"], "params_recurrent": after["total"]}
         data = args.eval_data or dense.data.eval_path
         if data:
-            distributed.set_threads(0)
-            distributed.init(ParallelConfig())
-            try:
-                result["heldout_loss_dense"] = heldout_loss(dense, state, data, args.eval_tokens)
-                result["heldout_loss_recurrent"] = heldout_loss(small, small_state, data, args.eval_tokens)
-            finally:
-                distributed.shutdown()
+            result["heldout_loss_dense"], result["heldout_loss_recurrent"] = heldout_losses(
+                [(dense, state), (small, small_state)], data, args.eval_tokens)
             from cherry_megatron.data.tokenizer import load_tokenizer
 
             vocab = load_tokenizer(dense.data.tokenizer_model).vocab_size if dense.data.tokenizer_model else \

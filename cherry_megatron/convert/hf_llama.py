@@ -60,7 +60,7 @@ def hf_config(cfg: dict, dtype: str) -> dict:
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": m["vocab_size"], "hidden_size": hidden, "intermediate_size": _ffn(m),
         "num_hidden_layers": m["num_layers"], "num_attention_heads": m["num_heads"],
-        "num_key_value_heads": m["num_kv_heads"] or m["num_heads"], "head_dim": hidden // m["num_heads"],
+        "num_key_value_heads": m["num_kv_heads"] or m["num_heads"], "head_dim": m.get("kv_channels") or hidden // m["num_heads"],
         "hidden_act": "silu", "max_position_embeddings": cfg["train"]["seq_length"], "rms_norm_eps": m["norm_eps"],
         "rope_theta": m["rope_theta"], "rope_scaling": None, "attention_bias": False, "mlp_bias": False,
         "tie_word_embeddings": m["tie_embeddings"], "initializer_range": m["init_std"],
@@ -81,8 +81,7 @@ def from_hf_config(hf: dict, source: str) -> dict:
         raise CheckpointError(f"{source} is a '{arch}' model, not Llama: only Llama-architecture checkpoints import")
     heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
     refused = {"attention_bias": hf.get("attention_bias", False), "mlp_bias": hf.get("mlp_bias", False),
-               "rope_scaling": hf.get("rope_scaling"), "hidden_act": hf.get("hidden_act", "silu") != "silu",
-               "head_dim": hf.get("head_dim", hidden // heads) != hidden // heads}
+               "rope_scaling": hf.get("rope_scaling"), "hidden_act": hf.get("hidden_act", "silu") != "silu"}
     bad = [k for k, v in refused.items() if v]
     if bad:
         raise CheckpointError(f"{source}: Llama config with {bad[0]}={hf.get(bad[0])!r} is not supported by our blocks")
@@ -93,7 +92,8 @@ def from_hf_config(hf: dict, source: str) -> dict:
                         num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
                         ffn_hidden_size=hf["intermediate_size"], rope_theta=float(rope),
                         norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=bool(hf.get("tie_word_embeddings")),
-                        init_std=hf.get("initializer_range", 0.02))
+                        init_std=hf.get("initializer_range", 0.02),
+                        kv_channels=0 if hf.get("head_dim", hidden // heads) == hidden // heads else hf["head_dim"])
     return cfg
 
 
