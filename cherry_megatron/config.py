@@ -146,6 +146,16 @@ class SGTConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation from a frozen teacher (cherry_megatron/distill.py). Minitron: logits KL only, tau 1."""
+    teacher: str = ""  # run dir, checkpoint, converted or Hugging Face dir of the teacher; "": no distillation
+    temperature: float = 1.0  # tau of both softmaxes
+    kd_weight: float = 1.0  # weight of KL(p_teacher || p_student), mean over the valid positions
+    ce_weight: float = 1.0  # weight of the next-token loss on the ground truth (0: logits distillation only)
+    hidden_weight: float = 0.0  # weight of 1 - cos(final hidden states); needs the teacher's width
+
+
+@dataclass
 class MoEEConfig:
     """Mixture of Efficient Experts (model/moee.py) and multi-token prediction (model/mtp.py)."""
     num_experts: int = 0  # E; 0: no MoE layers. Each block's MLP becomes E experts behind a router
@@ -172,6 +182,7 @@ class Config:
     recurrent: RecurrentConfig = field(default_factory=RecurrentConfig)
     sgt: SGTConfig = field(default_factory=SGTConfig)
     moee: MoEEConfig = field(default_factory=MoEEConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

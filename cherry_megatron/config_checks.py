@@ -91,6 +91,7 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
         raise ConfigError("sgt.probe_interval needs sgt.ratio < 1 (there are no unsupervised positions to probe)")
     if g.probe_interval and p.zero_stage == 3:
         raise ConfigError("sgt.probe_interval needs whole parameters on each rank: use parallel.zero_stage <= 2")
+    validate_distill(cfg)
     if world_size is not None:
         if world_size % (p.tp * p.pp):
             raise ConfigError(f"parallel.tp={p.tp} x parallel.pp={p.pp} does not divide the world size {world_size}")
@@ -98,6 +99,23 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
         if t.global_batch_size % (t.micro_batch_size * dp):
             raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
                               f"micro_batch_size={t.micro_batch_size} x data-parallel size {dp}")
+
+
+def validate_distill(cfg) -> None:
+    d = cfg.distill
+    if not d.temperature > 0:
+        raise ConfigError(f"distill.temperature must be positive, got {d.temperature}")
+    if min(d.kd_weight, d.ce_weight, d.hidden_weight) < 0:
+        raise ConfigError("distill.kd_weight, distill.ce_weight and distill.hidden_weight must be >= 0")
+    if not d.teacher:
+        if d.hidden_weight or d.ce_weight != 1.0:
+            raise ConfigError("distill.* weights are set but distill.teacher is empty (no distillation)")
+        return
+    if cfg.parallel.pp > 1:
+        raise ConfigError(f"distill.teacher with parallel.pp={cfg.parallel.pp} is not built (the teacher's logits "
+                          "would have to travel with the pipeline's activations): distil at parallel.pp=1")
+    if d.kd_weight == 0 and d.hidden_weight == 0:
+        raise ConfigError("distill.teacher is set but distill.kd_weight and distill.hidden_weight are both 0")
 
 
 def validate_recurrent(cfg) -> None:

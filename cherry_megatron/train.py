@@ -27,7 +27,8 @@ from cherry_megatron.config import Config
 from cherry_megatron.convert.load import load_consolidated
 from cherry_megatron.data.gpt_data import TrainData
 from cherry_megatron.data.indexed import token_stream
-from cherry_megatron.engine import build_engine, partitioned_build, resolve_precision
+from cherry_megatron.distill import Teacher
+from cherry_megatron.engine import build_engine, compute_dtype, partitioned_build, resolve_precision
 from cherry_megatron.errors import CheckpointError, TrainingError, cli_errors
 from cherry_megatron.evaluate import window_loss, windows
 from cherry_megatron.metrics import MetricsLogger, base_memory_gib, memory_gib, peak_tflops, returning_freed_memory
@@ -78,8 +79,12 @@ class Trainer:
                                                e.top_k if e.num_experts else 1, e.mtp_depth)
         self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
         self.sgt = sgt.SGT(cfg, layout, layout.device) if cfg.sgt.ratio < 1 else None
-        if self.sgt is not None:
+        self.teacher = Teacher(cfg, layout.device, compute_dtype(cfg.train.precision, layout.device)) \
+            if cfg.distill.teacher else None
+        if self.sgt is not None and self.teacher is None:  # distilling, the student's head runs on every position
             self.flops_per_token -= self.sgt.head_flops_saved(cfg.model)
+        if self.teacher is not None:  # the teacher's forward is work the step does
+            self.flops_per_token += flops_per_token(self.teacher.tcfg.model, cfg.train.seq_length) / 3
         self.gamma_sum, self.gamma_n = 0.0, 0
         self.nan_run, self.saved_step = 0, 0
         self.aux_sums: dict[str, torch.Tensor] = {}
@@ -107,7 +112,8 @@ class Trainer:
         for micro, host_mask, b in self.micro_batches(step):
             select = self.sgt.selection(b, self.data.sample_index(step, micro), host_mask) \
                 if self.sgt is not None else None
-            out = self.engine(b["tokens"], b["labels"], select=select, loss_mask=b["loss_mask"])
+            targets = self.teacher(b["tokens"]) if self.teacher is not None else None
+            out = self.engine(b["tokens"], b["labels"], select=select, loss_mask=b["loss_mask"], distill=targets)
             loss = losses.next_token_loss(out, b["loss_mask"], self.cfg.sgt.anchor_weight)
             if faults.injected("nan_loss", step + 1):
                 loss = loss * float("nan")
@@ -116,7 +122,10 @@ class Trainer:
                 self.aux_sums[name] = self.aux_sums.get(name, 0.0) + term.detach() / self.data.grad_accum
             for name, value in out.stats.items():
                 self.aux_sums[name] = self.aux_sums.get(name, 0.0) + value.detach() / self.data.grad_accum
-            self.engine.backward(losses.with_aux(loss, out.aux))
+            if self.teacher is not None:  # logged under its own name beside kd_loss; `loss` stays the same figure
+                self.aux_sums["ce_loss"] = self.aux_sums.get("ce_loss", 0.0) + loss.detach() / self.data.grad_accum
+            ce_weight = self.cfg.distill.ce_weight if self.teacher is not None else 1.0
+            self.engine.backward(losses.with_aux(ce_weight * loss if ce_weight != 1.0 else loss, out.aux))
             self.engine.step()
             total += loss.detach().double()
         total /= self.data.grad_accum * self.layout.dp

@@ -9,6 +9,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmb
 from torch import nn
 
 from cherry_megatron.config import ModelConfig
+from cherry_megatron.distill import terms as distill_terms
 from cherry_megatron.losses import Output, summed_aux, token_losses
 from cherry_megatron.model.layers import (Block, LayerContext, LayerUnit, RotaryEmbedding, normal_init, output_logits,
                                           parallel_config)
@@ -104,7 +105,7 @@ class GPT(nn.Module):
         return output_logits(self.head, h, self.embed.weight if self.cfg.tie_embeddings else None)
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, select=None,
-                loss_mask: torch.Tensor | None = None, depth: int = 0) -> Output:
+                loss_mask: torch.Tensor | None = None, depth: int = 0, distill=None) -> Output:
         """`Output.logits` without labels; `Output.per_token` (cross-entropy [b, s]) with labels.
 
         With `select` (an `sgt.Selection`) the head and the cross-entropy run only on the selected
@@ -112,7 +113,8 @@ class GPT(nn.Module):
         `select.full_loss`, then all are computed) and `Output.mask` says which. `depth` exits early.
         With `loss_mask` (the training objective) `Output.aux` holds the terms beyond the next-token
         loss (MTP, router losses) and, in training with `recurrent.exit_loss_weights`, each exit's
-        per-token loss (same positions as the final one) is added with its weight.
+        per-token loss (same positions as the final one) is added with its weight. With `distill` (a
+        `distill.Targets`, the teacher's outputs) and `loss_mask`, `aux` also holds the distillation terms.
         """
         training_objective = loss_mask is not None and labels is not None and not depth
         exits = self.exit_weights if labels is not None and self.training and not depth else {}
@@ -120,12 +122,17 @@ class GPT(nn.Module):
         ctx = self.context(x)
         taps = {d: None for d in exits} if exits else None
         h = self.final_norm(self.unroll(x, ctx, 0, depth or None, taps))
-        per_token, picked = self.readout(h, labels, select)
+        aux, logits = {}, None
+        if distill is not None and training_objective:
+            logits = self.logits(h)  # every position: the teacher's distribution is dense
+            aux.update(distill_terms(logits, h, distill, loss_mask))
+            # megatron's cross-entropy overwrites fp32 logits in place, which the KL's graph still reads
+            logits = logits.clone() if logits.dtype == torch.float32 else logits
+        per_token, picked = self.readout(h, labels, select, logits=logits)
         if labels is None:
             return Output(logits=per_token)
         for d, w in exits.items():
             per_token = per_token + float(w) * self.readout(self.final_norm(taps[d]), labels, select, picked)[0]
-        aux = {}
         if training_objective:
             if self.mtp is not None:
                 aux["mtp_loss"] = (self.mtp_weight, self.mtp(h, labels, loss_mask, self.embed, self.token_losses, ctx))
@@ -134,13 +141,14 @@ class GPT(nn.Module):
             return Output(per_token=per_token, aux=aux)
         return Output(per_token=per_token, mask=picked.mask, weight=picked.weight, aux=aux, stats=picked.stats)
 
-    def readout(self, h: torch.Tensor, labels: torch.Tensor | None, select=None, picked=None):
+    def readout(self, h: torch.Tensor, labels: torch.Tensor | None, select=None, picked=None, logits=None):
         """(logits, None) without labels, else (per-token losses, `sgt.Picked` or None) from final hidden
-        states (see `forward`); `picked` reuses an earlier selection."""
+        states (see `forward`); `picked` reuses an earlier selection, `logits` the head's output on every
+        position when it was computed already (it is consumed)."""
         if labels is None:
             return self.logits(h), None
         if select is None or select.full_loss:
-            losses = self.token_losses(h, labels)
+            losses = token_losses(logits, labels) if logits is not None else self.token_losses(h, labels)
             return losses, (None if select is None else picked if picked is not None else select(losses.detach))
         if picked is None:
             picked = select(lambda: self.scoring_losses(h.detach(), labels))
