@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from cherry_megatron import distributed
 from cherry_megatron.config import ParallelConfig
-from cherry_megatron.distill import vocab_parallel_kl
+from cherry_megatron.losses import vocab_parallel_kl
 
 
 def logits():

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from cherry_megatron.config import load_config
-from cherry_megatron.distill import Targets, hidden_cosine_loss, vocab_parallel_kl
+from cherry_megatron.losses import Targets, hidden_cosine_loss, vocab_parallel_kl
 from cherry_megatron.metrics import read_metrics
 from cherry_megatron.model.gpt import GPT
 from cherry_megatron.sgt import RandomPolicy, Selection

@@ -9,8 +9,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmb
 from torch import nn
 
 from cherry_megatron.config import ModelConfig
-from cherry_megatron.distill import terms as distill_terms
-from cherry_megatron.losses import Output, summed_aux, token_losses
+from cherry_megatron.losses import Output, distill_terms, summed_aux, token_losses
 from cherry_megatron.model.layers import (Block, LayerContext, LayerUnit, RotaryEmbedding, normal_init, output_logits,
                                           parallel_config)
 from cherry_megatron.model.mtp import MTP
