@@ -76,3 +76,33 @@ def test_the_package_has_no_import_cycle():
     assert "cherry_megatron.train" in graph and graph["cherry_megatron.train"]  # the walk found the imports
     found = cycles(graph)
     assert not found, "\n".join(" <-> ".join(c) for c in found)
+
+
+def from_imports() -> list[tuple[str, str, str]]:
+    """(file:line, module, name) of every absolute `from cherry_megatron... import name` in the package, the
+    tools and the benches, function-level ones included: those run only when their branch does."""
+    root = PACKAGE.parent
+    out = []
+    for path in [*PACKAGE.rglob("*.py"), *(root / "tools").rglob("*.py"), *(root / "bench").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("cherry_megatron"):
+                out += [(f"{path.relative_to(root)}:{node.lineno}", node.module, a.name) for a in node.names]
+    return out
+
+
+def test_every_imported_name_exists():
+    """A name moved between modules breaks a function-level import only when that branch runs (a tool's
+    evaluation, say); this finds it without running the branch."""
+    import importlib
+
+    found = from_imports()
+    assert len(found) > 100
+    missing = []
+    for where, module, name in found:
+        mod = importlib.import_module(module)
+        if name != "*" and not hasattr(mod, name):
+            try:
+                importlib.import_module(f"{module}.{name}")
+            except ModuleNotFoundError:
+                missing.append(f"{where}: from {module} import {name}")
+    assert not missing, "\n".join(missing)

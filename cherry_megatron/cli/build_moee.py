@@ -31,11 +31,10 @@ def main(argv=None) -> None:
     p.add_argument("--eval-tokens", type=int, default=16384, help="0: the whole file")
     args = p.parse_args(argv)
     with cli_errors():
-        from cherry_megatron import distributed
         from cherry_megatron.checkpoint.consolidate import save_consolidated
         from cherry_megatron.convert.load import load_consolidated
-        from cherry_megatron.cli.compress import heldout_loss
-        from cherry_megatron.config import ParallelConfig, from_dict, to_yaml
+        from cherry_megatron.evaluate import heldout_losses
+        from cherry_megatron.config import from_dict, to_yaml
         from cherry_megatron.errors import CheckpointError
         from cherry_megatron.fuse.moee import fuse
         from cherry_megatron.model import parameter_count
@@ -60,14 +59,8 @@ def main(argv=None) -> None:
                   "params_expert": one["total"], "params_total": fused["total"], "params_active": fused["active"]}
         data = args.eval_data or cfgs[0].data.eval_path
         if data:
-            distributed.set_threads(0)
-            distributed.init(ParallelConfig())
-            try:
-                result["heldout_loss_experts"] = [heldout_loss(c, s, data, args.eval_tokens)
-                                                  for c, (s, _) in zip(cfgs, loaded)]
-                result["heldout_loss_moee"] = heldout_loss(cfg, state, data, args.eval_tokens)
-            finally:
-                distributed.shutdown()
+            *result["heldout_loss_experts"], result["heldout_loss_moee"] = heldout_losses(
+                [(c, s) for c, (s, _) in zip(cfgs, loaded)] + [(cfg, state)], data, args.eval_tokens)
             print("held-out loss: experts " + ", ".join(f"{x:.4f}" for x in result["heldout_loss_experts"]) +
                   f"; MoEE right after fusion {result['heldout_loss_moee']:.4f}")
         print(json.dumps(result))
