@@ -68,10 +68,11 @@ class GPT(nn.Module):
         return [LayerUnit(i, b, functools.partial(self._run_unit, i)) for i, b in enumerate(self.schedule)]
 
     def _run_unit(self, i: int, x: torch.Tensor, ctx: LayerContext, cache=None) -> torch.Tensor:
-        return self.layers[self.schedule[i]](x, ctx, self.position(i), cache)
+        return self.layers[self.schedule[i]](x, ctx, self.position(i), cache if cache is not None else ctx.cache(i))
 
-    def context(self, x: torch.Tensor) -> LayerContext:
-        return LayerContext(*self.rope(x.shape[1], x.device, x.dtype))
+    def context(self, x: torch.Tensor, offset: int = 0, caches=None) -> LayerContext:
+        """The pass's RoPE for tokens at positions offset.. and, in generation, the units' KV caches."""
+        return LayerContext(*self.rope(x.shape[1], x.device, x.dtype, offset), caches)
 
     def unroll(self, x: torch.Tensor, ctx: LayerContext, start: int = 0, end: int | None = None,
                taps: dict | None = None) -> torch.Tensor:

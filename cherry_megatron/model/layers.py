@@ -49,17 +49,23 @@ class RotaryEmbedding(nn.Module):
         self.head_dim, self.theta = head_dim, theta
         self._cache: dict = {}
 
-    def forward(self, seq_len: int, device: torch.device, dtype: torch.dtype):
-        key = (seq_len, str(device), dtype)
+    def forward(self, seq_len: int, device: torch.device, dtype: torch.dtype, offset: int = 0):
+        """cos/sin of positions offset..offset+seq_len-1. With an offset (a KV-cached step) the table is built
+        for a power-of-two length and sliced, so decoding does not build one per step; each entry is the
+        same product t * inv_freq whatever the table's length, so the values do not depend on it."""
+        n = offset + seq_len
+        length = n if not offset else 1 << (n - 1).bit_length()
+        key = (length, str(device), dtype)
         if key not in self._cache:
             inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
-            t = torch.arange(seq_len, device=device, dtype=torch.float32)
+            t = torch.arange(length, device=device, dtype=torch.float32)
             freqs = torch.outer(t, inv_freq.to(device))
             emb = torch.cat((freqs, freqs), dim=-1)
             if len(self._cache) >= 8:  # a few lengths (training, evaluation's last window), not one per step
                 self._cache.clear()
             self._cache[key] = (emb.cos().to(dtype), emb.sin().to(dtype))
-        return self._cache[key]
+        cos, sin = self._cache[key]
+        return (cos, sin) if length == seq_len else (cos[offset:n], sin[offset:n])
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -103,7 +109,9 @@ class Attention(nn.Module):
         self.o = RowParallelLinear(cfg.num_heads * cfg.head_dim, h, config=mp, init_method=out_init,
                                    bias=False, input_is_parallel=True, skip_bias_add=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lora=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lora=None, cache=None) -> torch.Tensor:
+        """`cache` (generate/cache.py `KVCache`): this chunk's keys and values are appended to it and the
+        queries attend to everything it holds."""
         lora = lora or {}
         b, s, _ = x.shape
         q = column(self.q, x, lora.get("q"))
@@ -113,7 +121,17 @@ class Attention(nn.Module):
         k = k.reshape(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         v = v.reshape(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+        causal, mask = True, None
+        if cache is not None:
+            start = cache.length
+            k, v = cache.append(k, v)
+            # SDPA's is_causal masks upper-left aligned: right for a chunk that starts the cache, wrong for
+            # one over a non-empty cache (query i sits at start + i). One new token sees everything.
+            causal = start == 0
+            if start and s > 1:
+                mask = torch.arange(start + s, device=x.device) <= torch.arange(start, start + s, device=x.device)[:, None]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.n_kv != self.n_heads)
         return row(self.o, y.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim), lora.get("o"))
 
 
@@ -134,13 +152,17 @@ class SwiGLU(nn.Module):
 
 
 class LayerContext:
-    """What the layer units of one forward pass share: RoPE's cos/sin for the sequence, and the auxiliary
-    terms routed layers produce (`add_aux`). A pipeline stage's context attaches those terms to the
-    gradient instead (model/pipeline.py). Generation will hand each unit a KV cache beside it."""
+    """What the layer units of one forward pass share: RoPE's cos/sin for the sequence, the auxiliary
+    terms routed layers produce (`add_aux`), and in generation the KV caches (`caches[unit index]`, the
+    chunk's tokens at positions offset.. of every cache the pass appends to). A pipeline stage's context
+    attaches the auxiliary terms to the gradient instead (model/pipeline.py)."""
 
-    def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
-        self.cos, self.sin = cos, sin
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, caches=None):
+        self.cos, self.sin, self.caches = cos, sin, caches
         self.aux: dict[str, list] = {}
+
+    def cache(self, unit: int):
+        return self.caches[unit] if self.caches is not None else None
 
     def add_aux(self, out: torch.Tensor, name: str, term: torch.Tensor) -> torch.Tensor:
         """Record `term` (a scalar with gradient) under `name`; returns `out`, the stream it came with."""
@@ -179,9 +201,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: LayerContext, pos: PositionParams | None = None,
                 cache=None) -> torch.Tensor:
-        """`pos` adds to or overrides the block's own weights for one position of a recurrent model.
-        `cache` is the place of a KV cache for generation (not built yet: must be None)."""
-        assert cache is None, "KV caches are not implemented yet"
+        """`pos` adds to or overrides the block's own weights for one position of a recurrent model;
+        `cache` is this unit's KV cache in generation."""
         lora = pos.lora if pos is not None else None
         if pos is not None and pos.embed is not None:
             x = x + pos.embed
@@ -189,7 +210,7 @@ class Block(nn.Module):
             a = self.attn_norm(x)
         else:
             a = F.rms_norm(x, x.shape[-1:], pos.norms[0], self.attn_norm.eps)
-        x = x + self.attn(a, ctx.cos, ctx.sin, lora)
+        x = x + self.attn(a, ctx.cos, ctx.sin, lora, cache)
         if pos is None or pos.norms is None:
             m = self.mlp_norm(x)
         else:

@@ -1,0 +1,191 @@
+"""KV-cached generation: cached passes equal the training forward (dense, recurrent with LoRA, MoEE), chunked
+prefill, crop and recompute, early depths, sampling."""
+import json
+
+import pytest
+import torch
+
+from cherry_megatron.config import load_config
+from cherry_megatron.generate.cache import ModelCache, full_logits, run_units
+from cherry_megatron.generate.decode import generate, prefill
+from cherry_megatron.generate.sampling import Sampler
+from cherry_megatron.model import build_model
+
+VOCAB = 1000  # below the padded 1024: the padded rows must never be chosen
+KINDS = {
+    "dense": ("tiny", []),
+    "recurrent": ("recurrent-tiny", ["recurrent.lora_rank=4", "recurrent.exit_depths=[]"]),
+    "moee": ("tiny", ["moee.num_experts=2", "moee.top_k=2"]),  # capacity 0: dropless, no token depends on others
+}
+
+
+def _model(kind: str):
+    preset, sets = KINDS[kind]
+    cfg = load_config(preset, ["model.vocab_size=1024", *sets])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # nothing at its neutral init: norms, LoRA B and iteration embeddings all matter
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif "lora" in name or "iter_embed" in name:
+                p.normal_(0, 0.05)
+    return cfg, model
+
+
+@pytest.fixture(scope="module", params=list(KINDS))
+def model(request, world_of_one):
+    return _model(request.param)[1]
+
+
+def _reference(model, tokens, depth=0):
+    with torch.no_grad():
+        return model(tokens, depth=depth).logits[..., :VOCAB].float()
+
+
+def test_cached_decoding_equals_the_uncached_forward(model):
+    torch.manual_seed(1)
+    tokens = torch.randint(0, VOCAB, (2, 61))
+    ref = _reference(model, tokens)
+    cache = ModelCache(model, 2, 64)
+    with torch.no_grad():
+        got = [prefill(model, tokens[:, :37], cache, VOCAB)]
+        for t in range(37, 61):  # 24 decode steps, one token each
+            got.append(full_logits(model, run_units(model, model.embed(tokens[:, t:t + 1]), cache, t), VOCAB))
+    got = torch.cat(got, dim=1)
+    assert (got - ref).abs().max().item() <= 1e-5
+    assert cache.lengths() == [61] * len(cache)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_chunked_prefill_equals_one_prefill(model, chunk):
+    tokens = torch.randint(0, VOCAB, (1, 29), generator=torch.Generator().manual_seed(2))
+    one, chunked = ModelCache(model, 1, 32), ModelCache(model, 1, 32)
+    with torch.no_grad():
+        a = prefill(model, tokens, one, VOCAB)
+        b = prefill(model, tokens, chunked, VOCAB, chunk=chunk)
+    assert (a - b).abs().max().item() <= 1e-5
+    for x, y in zip(one.units, chunked.units):
+        assert x.length == y.length == 29
+        assert torch.allclose(x.k[:, :, :29], y.k[:, :, :29], atol=1e-6) and torch.allclose(x.v, y.v, atol=1e-6)
+
+
+def test_crop_and_recompute_equals_the_original(model):
+    tokens = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(3))
+    cache = ModelCache(model, 1, 48)
+    with torch.no_grad():
+        first = prefill(model, tokens, cache, VOCAB)
+        keys = [c.k[:, :, :40].clone() for c in cache.units]
+        cache.crop(25)
+        assert cache.lengths() == [25] * len(cache)
+        again = prefill(model, tokens[:, 25:], cache, VOCAB)
+    assert (again - first[:, 25:]).abs().max().item() <= 1e-5
+    assert all(torch.allclose(k, c.k[:, :, :40], atol=1e-6) for k, c in zip(keys, cache.units))
+
+
+def test_cached_early_depth_equals_the_forward_at_that_depth(model):
+    tokens = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(4))
+    depth = len(model.units()) // 2
+    cache = ModelCache(model, 1, 24)
+    with torch.no_grad():
+        got = prefill(model, tokens[:, :12], cache, VOCAB, depth=depth)
+        got = torch.cat([got, prefill(model, tokens[:, 12:], cache, VOCAB, chunk=3, depth=depth)], dim=1)
+    assert (got - _reference(model, tokens, depth)).abs().max().item() <= 1e-5
+    assert cache.lengths() == [20] * depth + [0] * (len(cache) - depth)  # the deeper units were not run
+
+
+def test_a_pass_from_the_wrong_offset_is_refused(model):
+    cache = ModelCache(model, 1, 8)
+    with torch.no_grad(), pytest.raises(AssertionError, match="holds 0 positions, the pass starts at 3"):
+        run_units(model, model.embed(torch.zeros(1, 1, dtype=torch.long)), cache, 3)
+
+
+def test_greedy_generation_equals_argmax_of_the_uncached_forward(model):
+    prompt = torch.randint(0, VOCAB, (9,), generator=torch.Generator().manual_seed(5)).tolist()
+    got = generate(model, prompt, 12, VOCAB, Sampler())
+    seq = list(prompt)
+    for _ in range(12):
+        seq.append(int(_reference(model, torch.tensor([seq]))[0, -1].argmax()))
+    assert got == seq[len(prompt):]
+    eos = got[3]  # stops at the end-of-document token, which it keeps
+    assert generate(model, prompt, 12, VOCAB, Sampler(), eos=eos) == got[:got.index(eos) + 1]
+
+
+def test_nucleus_sampling_keeps_to_the_nucleus_and_a_seed_repeats():
+    logits = torch.tensor([[4.0, 3.0, 2.5, 0.0, -1.0, -2.0]]).repeat(400, 1)
+    probs = logits[0].softmax(-1)
+    draws = Sampler(temperature=1.0, top_p=0.9, seed=7)(logits)
+    nucleus = int((probs.cumsum(-1) - probs < 0.9).sum())  # smallest prefix whose mass reaches 0.9
+    assert set(draws.tolist()) == set(range(nucleus))
+    again = Sampler(temperature=1.0, top_p=0.9, seed=7)(logits)
+    assert torch.equal(draws, again)
+    assert torch.equal(Sampler()(logits), torch.zeros(400, dtype=torch.long))
+    with pytest.raises(ValueError):
+        Sampler(temperature=1.0, top_p=0.0)
+
+
+def _heldout_prompts(n: int) -> list[str]:
+    """The first line of n English and code held-out documents (at most 160 characters)."""
+    import json
+
+    from conftest import DATA
+
+    docs = [json.loads(line) for line in (DATA / "corpus" / "heldout.jsonl").read_text().splitlines()]
+    docs = [d for d in docs if d.get("lang") in ("en", "code")]
+    return [d["text"].strip().splitlines()[0][:160] for d in docs[:n]]
+
+
+def test_greedy_tokens_on_smollm2_equal_transformers_generate(tmp_path):
+    """The real client: transformers' generate(do_sample=False) on the published directory, against our CLI."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import DATA, run_cli
+
+    model_dir = DATA / "models" / "smollm2-135m"
+    if not (DATA / "models" / ".built").exists():
+        pytest.fail("the shipped teacher is missing: run `make model` (make test does it)")
+    prompts = _heldout_prompts(3)
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    proc = run_cli(["-m", "cherry_megatron.generate", "--load", str(model_dir), "--prompt-file",
+                    str(tmp_path / "prompts.txt"), "--max-new-tokens", "24", "--greedy", "--prefill-chunk", "16"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [o["prompt"] for o in ours] == prompts
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    for o, text in zip(ours, prompts):
+        ids = tok(text, return_tensors="pt").input_ids
+        with torch.no_grad():
+            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=24)
+        assert o["tokens"] == ref[0, ids.shape[1]:].tolist()
+        assert o["text"] == tok.decode(o["tokens"])
+
+
+@pytest.mark.slow
+def test_generation_at_tp2_equals_tp1_greedy_and_sampled(baseline):
+    from conftest import run_cli
+
+    outs = {}
+    for mode in (["--greedy"], ["--temperature", "0.8", "--top-p", "0.9", "--seed", "3"]):
+        for nproc in (1, 2):
+            proc = run_cli(["-m", "cherry_megatron.generate", "--load", str(baseline), "--prompt", "서울은",
+                            "The model", "--max-new-tokens", "20", *mode], nproc=nproc)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            outs[mode[0], nproc] = [json.loads(line)["tokens"] for line in proc.stdout.splitlines()]
+        assert outs[mode[0], 1] == outs[mode[0], 2] and len(outs[mode[0], 1]) == 2
+    assert outs["--greedy", 1] != outs["--temperature", 1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", " "], "a prompt is empty"),
+    (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--prompt", "x", "--greedy", "--temperature", "0.5"], "contradict"),
+    (["--prompt", "x", "--top-p", "0"], "--top-p in (0, 1]"),
+    (["--prompt-file", "/nonexistent/prompts.txt"], "cannot read --prompt-file"),
+])
+def test_bad_generation_arguments_are_one_error(baseline, args, message):
+    from conftest import error_lines, run_cli
+
+    proc = run_cli(["-m", "cherry_megatron.generate", "--load", str(baseline), *args])
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert len(error_lines(proc)) == 1 and message in error_lines(proc)[0], proc.stderr[-2000:]
