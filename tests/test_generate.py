@@ -166,7 +166,8 @@ def test_generation_at_tp2_equals_tp1_greedy_and_sampled(baseline):
     from conftest import run_cli
 
     outs = {}
-    for mode in (["--greedy"], ["--temperature", "0.8", "--top-p", "0.9", "--seed", "3"]):
+    for mode in (["--greedy"], ["--temperature", "0.8", "--top-p", "0.9", "--seed", "3"],
+                 ["--speculative-exit", "1", "--draft-tokens", "3"]):
         for nproc in (1, 2):
             proc = run_cli(["-m", "cherry_megatron.generate", "--load", str(baseline), "--prompt", "서울은",
                             "The model", "--max-new-tokens", "20", *mode], nproc=nproc)
@@ -174,6 +175,7 @@ def test_generation_at_tp2_equals_tp1_greedy_and_sampled(baseline):
             outs[mode[0], nproc] = [json.loads(line)["tokens"] for line in proc.stdout.splitlines()]
         assert outs[mode[0], 1] == outs[mode[0], 2] and len(outs[mode[0], 1]) == 2
     assert outs["--greedy", 1] != outs["--temperature", 1]
+    assert outs["--speculative-exit", 1] == outs["--greedy", 1]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -182,6 +184,9 @@ def test_generation_at_tp2_equals_tp1_greedy_and_sampled(baseline):
     (["--prompt", "x", "--greedy", "--temperature", "0.5"], "contradict"),
     (["--prompt", "x", "--top-p", "0"], "--top-p in (0, 1]"),
     (["--prompt-file", "/nonexistent/prompts.txt"], "cannot read --prompt-file"),
+    (["--prompt", "x", "--speculative-exit", "2", "--draft-tokens", "0"], "--draft-tokens must be >= 1"),
+    (["--prompt", "x", "--speculative-exit", "2", "--temperature", "0.7"], "decodes greedily"),
+    (["--prompt", "x", "--speculative-exit", "2"], "the model has 2 layer units, so the exit must lie in 1..1"),
 ])
 def test_bad_generation_arguments_are_one_error(baseline, args, message):
     from conftest import error_lines, run_cli
@@ -189,3 +194,59 @@ def test_bad_generation_arguments_are_one_error(baseline, args, message):
     proc = run_cli(["-m", "cherry_megatron.generate", "--load", str(baseline), *args])
     assert proc.returncode == 2 and proc.stdout == ""
     assert len(error_lines(proc)) == 1 and message in error_lines(proc)[0], proc.stderr[-2000:]
+
+
+@pytest.fixture(scope="module", params=["dense", "recurrent"])
+def deep_model(request, world_of_one):
+    preset, sets = KINDS[request.param]
+    cfg = load_config(preset, ["model.vocab_size=1024", "model.num_layers=8", *sets])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora" in name or "iter_embed" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
+@pytest.mark.parametrize("draft_tokens", [1, 2, 4, 8])
+def test_self_speculative_output_equals_full_depth_greedy(deep_model, draft_tokens):
+    from cherry_megatron.generate.speculative import SpeculativeStats, speculative_generate
+
+    depth = len(deep_model.units())
+    prompt = torch.randint(0, VOCAB, (11,), generator=torch.Generator().manual_seed(6)).tolist()
+    greedy = generate(deep_model, prompt, 20, VOCAB, Sampler())
+    for exit_depth in sorted({1, 2, depth // 4, depth // 2, depth - 1}):
+        stats = SpeculativeStats()
+        got = speculative_generate(deep_model, prompt, 20, VOCAB, exit_depth, draft_tokens, stats=stats)
+        assert got == greedy, (exit_depth, draft_tokens)
+        assert stats.drafted == stats.rounds * draft_tokens and stats.emitted == len(got) - 1
+    eos = greedy[5]
+    assert speculative_generate(deep_model, prompt, 20, VOCAB, 2, draft_tokens, eos=eos) == greedy[:greedy.index(eos) + 1]
+
+
+def test_speculative_accepts_every_draft_when_the_deep_units_are_identities(world_of_one):
+    """Zero output projections make units D.. identities: drafts at D are the full model's, all accepted."""
+    from cherry_megatron.generate.speculative import SpeculativeStats, speculative_generate
+
+    cfg = load_config("tiny", ["model.vocab_size=1024", "model.num_layers=6"])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for layer in model.layers[3:]:
+            layer.attn.o.weight.zero_()
+            layer.mlp.down.weight.zero_()
+    prompt = list(range(5, 15))
+    stats = SpeculativeStats()
+    got = speculative_generate(model, prompt, 25, VOCAB, 3, 4, stats=stats)
+    assert got == generate(model, prompt, 25, VOCAB, Sampler())
+    assert stats.acceptance == 1.0 and stats.tokens_per_round == 4.0
+
+
+def test_speculative_arguments_are_checked(deep_model):
+    from cherry_megatron.generate.speculative import speculative_generate
+
+    depth = len(deep_model.units())
+    for d, k, message in [(depth, 2, "exit depth must lie in 1.."), (0, 2, "exit depth"), (2, 0, "draft length")]:
+        with pytest.raises(ValueError, match=message):
+            speculative_generate(deep_model, [1, 2], 4, VOCAB, d, k)

@@ -2,12 +2,15 @@
 
     python -m cherry_megatron.generate --load CKPT_OR_HF_DIR (--prompt TEXT ... | --prompt-file FILE)
         [--max-new-tokens N] [--greedy | --temperature T --top-p P --seed S] [--prefill-chunk C]
-        [--precision train|fp32|bf16]
+        [--speculative-exit D --draft-tokens K] [--precision train|fp32|bf16]
 
 CKPT is a run dir, checkpoint, converted or Hugging Face dir; the tokenizer is the checkpoint's
 (data.tokenizer_model: sentencepiece or Hugging Face). Under torchrun the world is one TP group (every rank
 holds its slice of every layer; rank 0 prints). stdout: `{"prompt", "tokens": [new ids], "text"}` per prompt;
 generation ends after N tokens or at the tokenizer's end-of-document token (kept in `tokens`).
+`--speculative-exit D` decodes greedily by self-speculation (generate/speculative.py): the first D layer units
+(loop positions of a recurrent model) draft K tokens, the rest verify them; the tokens are the greedy ones, and
+each line also carries `"speculative": {"acceptance", "tokens_per_round", "rounds"}`.
 """
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prefill-chunk", type=int, default=0, help="prefill the prompt in chunks of C tokens (0: one pass)")
+    p.add_argument("--speculative-exit", type=int, default=0, help="draft with the first D layer units (0: off)")
+    p.add_argument("--draft-tokens", type=int, default=4, help="K tokens drafted per verification")
     p.add_argument("--precision", default="train", choices=["train", "fp32", "bf16"])
     return p.parse_args(argv)
 
@@ -58,6 +63,13 @@ def check(args) -> None:
         raise ConfigError("--temperature must be >= 0 and --top-p in (0, 1]")
     if args.prefill_chunk < 0:
         raise ConfigError("--prefill-chunk must be >= 0")
+    if args.speculative_exit:
+        if args.temperature:
+            raise ConfigError("--speculative-exit decodes greedily; it does not take --temperature")
+        if args.draft_tokens < 1:
+            raise ConfigError(f"--draft-tokens must be >= 1, got {args.draft_tokens}")
+    elif args.speculative_exit < 0:
+        raise ConfigError(f"--speculative-exit must be >= 1, got {args.speculative_exit}")
 
 
 def main(argv=None) -> None:
@@ -82,6 +94,7 @@ def _generate(args, texts: list[str]) -> list[dict]:
     from cherry_megatron.errors import CheckpointError
     from cherry_megatron.generate.decode import generate
     from cherry_megatron.generate.sampling import Sampler
+    from cherry_megatron.generate.speculative import SpeculativeStats, speculative_generate
 
     distributed.set_threads(0)
     layout = distributed.init(ParallelConfig(tp=distributed.world_size_from_env()))
@@ -94,13 +107,25 @@ def _generate(args, texts: list[str]) -> list[dict]:
             raise CheckpointError(f"the tokenizer has {tok.vocab_size} tokens, the model {cfg.model.vocab_size}")
         dtype = compute_dtype(cfg.train.precision if args.precision == "train" else args.precision, layout.device)
         model = model.to(device=layout.device, dtype=dtype)
+        depth = len(model.units())
+        if args.speculative_exit and not 1 <= args.speculative_exit < depth:
+            raise ConfigError(f"--speculative-exit {args.speculative_exit}: the model has {depth} layer units, so the "
+                              f"exit must lie in 1..{depth - 1}")
         out = []
         for text in texts:
             ids = list(tok.tokenize(text))
             sampler = Sampler(args.temperature, args.top_p, args.seed)
+            stats = SpeculativeStats()
             with torch.no_grad():
-                new = generate(model, ids, args.max_new_tokens, tok.vocab_size, sampler, tok.eod, args.prefill_chunk)
+                if args.speculative_exit:
+                    new = speculative_generate(model, ids, args.max_new_tokens, tok.vocab_size, args.speculative_exit,
+                                               args.draft_tokens, tok.eod, args.prefill_chunk, stats)
+                else:
+                    new = generate(model, ids, args.max_new_tokens, tok.vocab_size, sampler, tok.eod, args.prefill_chunk)
             out.append({"prompt": text, "tokens": new, "text": tok.detokenize(new)})
+            if args.speculative_exit:
+                out[-1]["speculative"] = {"acceptance": round(stats.acceptance, 4), "rounds": stats.rounds,
+                                          "tokens_per_round": round(stats.tokens_per_round, 3)}
     finally:
         distributed.shutdown()
     return out if layout.rank == 0 else []

@@ -3,6 +3,7 @@
     cache.py     preallocated keys/values per layer unit (a recurrent model: per position), cached passes
     sampling.py  greedy and temperature / top-p choice of the next token from vocab-parallel logits
     decode.py    prefill (optionally chunked) + one token per step, stopping at the end-of-document token
+    speculative.py  self-speculative greedy decoding (LayerSkip): draft at an exit depth, verify with the rest
     __main__.py  `python -m cherry_megatron.generate` (cli/generate.py)
 
 The training forward is not touched: a cached pass is the same units called with a context that carries
