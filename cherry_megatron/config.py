@@ -104,6 +104,11 @@ class TrainConfig:
     threads: int = 0  # torch threads per process; 0: cores / local processes
     activation_checkpointing: int = 0  # recompute activations in backward: 0 none, 1 every layer, n every n-th
     compile: bool = False  # torch.compile each block (bench/compile_step.py measures it against eager)
+    # Early-exit training for any model (LayerSkip): after each of these layer units the shared head reads out and
+    # its next-token loss is added with its weight (a recurrent model's recurrent.exit_* add to these).
+    exit_depths: list[int] = field(default_factory=list)
+    exit_loss_weights: list[float] = field(default_factory=list)
+    exit_distill_weight: float = 0.0  # + this x KL(final distribution, detached || each exit's), RRT's exit KD
     # A DeepSpeed universal checkpoint (tools/convert_checkpoint.py --output-format universal) to resume from,
     # optimizer state included, at this config's TP/DP layout, while the run dir holds no checkpoint of its own.
     universal_from: str = ""

@@ -33,7 +33,8 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
     if p.pipeline_partition not in ("layers", "parameters"):
         raise ConfigError(f"parallel.pipeline_partition must be layers or parameters, got '{p.pipeline_partition}'")
     if p.pp > 1:
-        unsupported = {"recurrent.exit_loss_weights": cfg.recurrent.exit_loss_weights, "sgt.ratio < 1": cfg.sgt.ratio < 1}
+        unsupported = {"recurrent.exit_loss_weights": cfg.recurrent.exit_loss_weights, "sgt.ratio < 1": cfg.sgt.ratio < 1,
+                       "train.exit_depths": cfg.train.exit_depths}
         for key, on in unsupported.items():
             if on:
                 raise ConfigError(f"parallel.pp={p.pp} does not support {key} yet")
@@ -92,6 +93,7 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
     if g.probe_interval and p.zero_stage == 3:
         raise ConfigError("sgt.probe_interval needs whole parameters on each rank: use parallel.zero_stage <= 2")
     validate_distill(cfg)
+    validate_exits(cfg)
     if world_size is not None:
         if world_size % (p.tp * p.pp):
             raise ConfigError(f"parallel.tp={p.tp} x parallel.pp={p.pp} does not divide the world size {world_size}")
@@ -99,6 +101,19 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
         if t.global_batch_size % (t.micro_batch_size * dp):
             raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
                               f"micro_batch_size={t.micro_batch_size} x data-parallel size {dp}")
+
+
+def validate_exits(cfg) -> None:
+    t, n = cfg.train, cfg.model.num_layers
+    if any(not 1 <= d < n for d in t.exit_depths):
+        raise ConfigError(f"train.exit_depths must lie in 1..{n - 1} (depth {n} is the final readout)")
+    if len(t.exit_loss_weights) != len(t.exit_depths):
+        raise ConfigError("train.exit_loss_weights needs one weight per train.exit_depths entry")
+    if min(t.exit_loss_weights, default=0) < 0 or t.exit_distill_weight < 0:
+        raise ConfigError("train.exit_loss_weights and train.exit_distill_weight must be >= 0")
+    if t.exit_distill_weight and not (t.exit_depths or cfg.recurrent.exit_loss_weights):
+        raise ConfigError("train.exit_distill_weight needs exits to distil into: train.exit_depths (or a recurrent "
+                          "model's recurrent.exit_loss_weights)")
 
 
 def validate_distill(cfg) -> None:

@@ -18,7 +18,9 @@ from cherry_megatron.model.tp_layout import Table, key, of
 
 def build_model(cfg, params_dtype: torch.dtype = torch.float32) -> GPT:
     options = dict(mtp_depth=cfg.moee.mtp_depth, mtp_weight=cfg.moee.mtp_weight,
-                   checkpoint_every=cfg.train.activation_checkpointing)
+                   checkpoint_every=cfg.train.activation_checkpointing,
+                   exits=dict(zip(cfg.train.exit_depths, cfg.train.exit_loss_weights)),
+                   exit_distill_weight=cfg.train.exit_distill_weight)
     if cfg.moee.num_experts:
         return MoEEGPT(cfg.model, cfg.recurrent, cfg.moee, params_dtype, **options)
     if cfg.recurrent.num_blocks:

@@ -9,7 +9,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmb
 from torch import nn
 
 from cherry_megatron.config import ModelConfig
-from cherry_megatron.losses import Output, distill_terms, summed_aux, token_losses
+from cherry_megatron.losses import Output, distill_terms, masked_mean, summed_aux, token_losses, vocab_parallel_kl
 from cherry_megatron.model.layers import (Block, LayerContext, LayerUnit, RotaryEmbedding, normal_init, output_logits,
                                           parallel_config)
 from cherry_megatron.model.mtp import MTP
@@ -22,12 +22,15 @@ class GPT(nn.Module):
     (model/pipeline.py) all consume those parts, so a subclass changes what a unit does, not the loop."""
 
     def __init__(self, cfg: ModelConfig, params_dtype: torch.dtype = torch.float32, *, recurrent=None,
-                 mlp_factory=None, mtp_depth: int = 0, mtp_weight: float = 0.0, checkpoint_every: int = 0):
+                 mlp_factory=None, mtp_depth: int = 0, mtp_weight: float = 0.0, checkpoint_every: int = 0,
+                 exits: dict | None = None, exit_distill_weight: float = 0.0):
         """`recurrent` (a RecurrentConfig) builds its num_blocks < cfg.num_layers blocks, unrolled to
         cfg.num_layers positions with per-position parameters (recurrent.py); init scaling follows the
         unrolled depth. `mlp_factory(block_index)` builds each block's MLP in place of the SwiGLU (moee.py).
         `mtp_depth` adds multi-token prediction (mtp.py); `checkpoint_every` = n recomputes every n-th
-        unit's activations in the backward pass (train.activation_checkpointing)."""
+        unit's activations in the backward pass (train.activation_checkpointing). `exits` {depth: weight} adds
+        early-exit losses in training (train.exit_depths), `exit_distill_weight` the exits' KL to the final
+        distribution."""
         super().__init__()
         self.cfg, self.rcfg = cfg, recurrent
         mp = parallel_config(parallel_state.get_tensor_model_parallel_world_size(), params_dtype)
@@ -46,6 +49,7 @@ class GPT(nn.Module):
         self.mtp = MTP(cfg, mtp_depth, params_dtype) if mtp_depth else None
         self.mtp_weight = mtp_weight
         self.checkpoint_every = checkpoint_every
+        self.train_exits, self.exit_distill_weight = dict(exits or {}), exit_distill_weight
         self.aux_weights = {"mtp_loss": mtp_weight} if mtp_depth else {}
 
     def build_position_parameters(self, params_dtype: torch.dtype) -> None:
@@ -53,8 +57,9 @@ class GPT(nn.Module):
 
     @property
     def exit_weights(self) -> dict[int, float]:
-        """Exit depth -> weight of its loss in training (recurrent.exit_loss_weights); none for a dense model."""
-        return dict(zip(self.rcfg.exit_depths, self.rcfg.exit_loss_weights)) if self.rcfg is not None else {}
+        """Exit depth -> weight of its loss in training: recurrent.exit_loss_weights, then train.exit_depths."""
+        own = dict(zip(self.rcfg.exit_depths, self.rcfg.exit_loss_weights)) if self.rcfg is not None else {}
+        return {**own, **self.train_exits}
 
     @property
     def final_norm(self) -> nn.Module:
@@ -131,8 +136,17 @@ class GPT(nn.Module):
         per_token, picked = self.readout(h, labels, select, logits=logits)
         if labels is None:
             return Output(logits=per_token)
+        final = self.logits(h).detach() if exits and self.exit_distill_weight and training_objective else None
+        exit_kd = []
         for d, w in exits.items():
-            per_token = per_token + float(w) * self.readout(self.final_norm(taps[d]), labels, select, picked)[0]
+            he = self.final_norm(taps[d])
+            per_token = per_token + float(w) * self.readout(he, labels, select, picked)[0]
+            if final is not None:
+                # The exit's own logits again (readout computed them for its selected positions only and the
+                # cross-entropy consumed them): one more head matmul per exit, on every position.
+                exit_kd.append(masked_mean(vocab_parallel_kl(self.logits(he), final), loss_mask))
+        if exit_kd:
+            aux["exit_kd_loss"] = (self.exit_distill_weight, sum(exit_kd))
         if training_objective:
             if self.mtp is not None:
                 aux["mtp_loss"] = (self.mtp_weight, self.mtp(h, labels, loss_mask, self.embed, self.token_losses, ctx))
