@@ -250,3 +250,87 @@ def test_speculative_arguments_are_checked(deep_model):
     for d, k, message in [(depth, 2, "exit depth must lie in 1.."), (0, 2, "exit depth"), (2, 0, "draft length")]:
         with pytest.raises(ValueError, match=message):
             speculative_generate(deep_model, [1, 2], 4, VOCAB, d, k)
+
+
+@pytest.fixture(scope="module")
+def looped(world_of_one):
+    """A recurrent model of 2 blocks unrolled to 6 positions, with LoRA, norms and embeddings per position."""
+    cfg = load_config("recurrent-tiny", ["model.vocab_size=1024", "model.num_layers=6", "recurrent.num_blocks=2",
+                                         "recurrent.lora_rank=4", "recurrent.exit_depths=[]"])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif "lora" in name or "iter_embed" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
+def _prompts(n):
+    g = torch.Generator().manual_seed(8)
+    return [torch.randint(0, VOCAB, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("schedule", ["depthwise", "sequence"])
+def test_depthwise_batching_without_exits_equals_per_request_greedy(looped, schedule):
+    from cherry_megatron.generate.depthwise import DepthwiseBatcher
+
+    prompts = _prompts(5)
+    batcher = DepthwiseBatcher(looped, rows=2, max_len=32, vocab=VOCAB, schedule=schedule)
+    done = batcher.run(prompts, 9)  # 5 requests through 2 rows: rows are refilled
+    assert [r.tokens for r in done] == [generate(looped, p, 9, VOCAB, Sampler()) for p in prompts]
+    assert set(batcher.stats.exits) == {6}
+    if schedule == "depthwise":  # rows at different positions of one block share a tick
+        assert batcher.stats.unit_rows / batcher.stats.ticks > 1
+
+
+def test_depthwise_exits_give_the_greedy_tokens_of_the_shallow_model(looped):
+    """Threshold 0: every token after the first (the prefill's, full depth) exits at depth 2. Positions below
+    2 never read the copied-up keys, so the tokens are those of cached greedy decoding at depth 2."""
+    from cherry_megatron.generate.depthwise import DepthwiseBatcher
+
+    prompts = _prompts(3)
+    batcher = DepthwiseBatcher(looped, rows=3, max_len=32, vocab=VOCAB, exit_depths=[2, 4], threshold=0.0)
+    done = batcher.run(prompts, 7)
+    for req, prompt in zip(done, prompts):
+        cache = ModelCache(looped, 1, 32)
+        with torch.no_grad():
+            seq = [int(prefill(looped, torch.tensor([prompt]), cache, VOCAB)[0, -1].argmax())]
+            while len(seq) < 7:
+                x = run_units(looped, looped.embed(torch.tensor([[seq[-1]]])), cache, cache.units[0].length, 0, 2)
+                seq.append(int(full_logits(looped, x, VOCAB)[0, -1].argmax()))
+        assert req.tokens == seq and req.depths == [6] + [2] * 6
+    assert batcher.stats.mean_depth == 2.0
+
+
+def test_copy_state_keys_are_what_the_deeper_position_computes_from_the_exited_stream(looped):
+    from cherry_megatron.generate.cache import KVCache
+    from cherry_megatron.generate.depthwise import DepthwiseBatcher
+
+    batcher = DepthwiseBatcher(looped, rows=1, max_len=16, vocab=VOCAB, exit_depths=[2], threshold=0.0)
+    batcher.run([[5, 6, 7]], 2)  # the second token exits at 2: positions 2..5 get copied-up keys at index 3
+    assert batcher.stats.exits[2] == 1
+    # The exited stream at depth 2 of token 1 (index 3), through position 4's block with a plain cache.
+    tokens = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        cache = ModelCache(looped, 1, 16)
+        token = int(prefill(looped, tokens, cache, VOCAB)[0, -1].argmax())
+        x = run_units(looped, looped.embed(torch.tensor([[token]])), cache, 3, 0, 2)
+        plain = KVCache(1, looped.layers[0].attn.n_kv, 16, looped.layers[0].attn.head_dim, torch.float32,
+                        torch.device("cpu"))
+        plain.append(batcher.kv.k[4, :1, :, :3], batcher.kv.v[4, :1, :, :3])
+        looped.units()[4].call(x, looped.context(x, 3), plain)
+    assert torch.allclose(plain.k[0, :, 3], batcher.kv.k[4, 0, :, 3], atol=1e-6)
+    assert torch.allclose(plain.v[0, :, 3], batcher.kv.v[4, 0, :, 3], atol=1e-6)
+
+
+def test_depthwise_batching_refuses_a_dense_model(model):
+    from cherry_megatron.generate.depthwise import DepthwiseBatcher
+
+    if model.rcfg is not None and not hasattr(model.layers[0].mlp, "route"):
+        pytest.skip("a recurrent model is what it takes")
+    with pytest.raises(ValueError, match="needs a recurrent model"):
+        DepthwiseBatcher(model, rows=2, max_len=8, vocab=VOCAB)

@@ -4,6 +4,7 @@
     sampling.py  greedy and temperature / top-p choice of the next token from vocab-parallel logits
     decode.py    prefill (optionally chunked) + one token per step, stopping at the end-of-document token
     speculative.py  self-speculative greedy decoding (LayerSkip): draft at an exit depth, verify with the rest
+    depthwise.py continuous depth-wise batching of a recurrent model (RRT), copy-state KV for exited tokens
     __main__.py  `python -m cherry_megatron.generate` (cli/generate.py)
 
 The training forward is not touched: a cached pass is the same units called with a context that carries

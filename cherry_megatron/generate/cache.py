@@ -33,6 +33,17 @@ class KVCache:
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def attend(self, k: torch.Tensor, v: torch.Tensor):
+        """(keys, values, attn_mask, is_causal) for SDPA once the chunk's k, v are stored. SDPA's is_causal
+        masks upper-left aligned: right for a chunk that starts the cache, wrong for one over a non-empty
+        cache (query i sits at start + i), which gets an explicit mask. One new token sees everything."""
+        start, s = self.length, k.shape[2]
+        k, v = self.append(k, v)
+        if start == 0 or s == 1:
+            return k, v, None, start == 0
+        mask = torch.arange(start + s, device=k.device) <= torch.arange(start, start + s, device=k.device)[:, None]
+        return k, v, mask, False
+
     def crop(self, length: int) -> None:
         self.length = min(self.length, length)
 

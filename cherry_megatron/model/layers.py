@@ -80,7 +80,7 @@ def column(linear: ColumnParallelLinear, x: torch.Tensor, lora=None) -> torch.Te
     out, _ = linear(x)
     if lora is not None:
         a, b = lora
-        out = out + F.linear(copy_to_tensor_model_parallel_region(F.linear(x, a)), b)
+        out = out + _low_rank(copy_to_tensor_model_parallel_region(_low_rank(x, a)), b)
     return out
 
 
@@ -90,8 +90,14 @@ def row(linear: RowParallelLinear, x: torch.Tensor, lora=None) -> torch.Tensor:
     out, _ = linear(x)
     if lora is not None:
         a, b = lora
-        out = out + F.linear(reduce_from_tensor_model_parallel_region(F.linear(x, a)), b)
+        out = out + _low_rank(reduce_from_tensor_model_parallel_region(_low_rank(x, a)), b)
     return out
+
+
+def _low_rank(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w^T; `w` [rows, out, in] holds one factor per row of x (depth-wise batching gathers each row's
+    position's LoRA: a batched matmul, as Punica's kernels do for many adapters)."""
+    return F.linear(x, w) if w.dim() == 2 else torch.matmul(x, w.transpose(-1, -2))
 
 
 class Attention(nn.Module):
@@ -123,13 +129,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         causal, mask = True, None
         if cache is not None:
-            start = cache.length
-            k, v = cache.append(k, v)
-            # SDPA's is_causal masks upper-left aligned: right for a chunk that starts the cache, wrong for
-            # one over a non-empty cache (query i sits at start + i). One new token sees everything.
-            causal = start == 0
-            if start and s > 1:
-                mask = torch.arange(start + s, device=x.device) <= torch.arange(start, start + s, device=x.device)[:, None]
+            k, v, mask, causal = cache.attend(k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=self.n_kv != self.n_heads)
         return row(self.o, y.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim), lora.get("o"))
@@ -188,6 +188,13 @@ def position_params(holder: nn.Module, row: int, rcfg, projections, expert_posit
     return PositionParams(embed, norms, lora, expert_position)
 
 
+def position_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm with a position's weight: [h], or [rows, 1, h] when every row is at its own position."""
+    if weight.dim() == 1:
+        return F.rms_norm(x, x.shape[-1:], weight, eps)
+    return F.rms_norm(x, x.shape[-1:], None, eps) * weight
+
+
 class Block(nn.Module):
     """Pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(x))."""
 
@@ -206,15 +213,9 @@ class Block(nn.Module):
         lora = pos.lora if pos is not None else None
         if pos is not None and pos.embed is not None:
             x = x + pos.embed
-        if pos is None or pos.norms is None:
-            a = self.attn_norm(x)
-        else:
-            a = F.rms_norm(x, x.shape[-1:], pos.norms[0], self.attn_norm.eps)
+        a = self.attn_norm(x) if pos is None or pos.norms is None else position_norm(x, pos.norms[0], self.attn_norm.eps)
         x = x + self.attn(a, ctx.cos, ctx.sin, lora, cache)
-        if pos is None or pos.norms is None:
-            m = self.mlp_norm(x)
-        else:
-            m = F.rms_norm(x, x.shape[-1:], pos.norms[1], self.mlp_norm.eps)
+        m = self.mlp_norm(x) if pos is None or pos.norms is None else position_norm(x, pos.norms[1], self.mlp_norm.eps)
         if not hasattr(self.mlp, "route"):
             return x + self.mlp(m, lora)
         out, l_aux, z = self.mlp.route(m, pos.expert_position if pos is not None else 0)
