@@ -11,6 +11,12 @@ Batch 1, greedy, in this one process after a warm-up run, fixed torch threads; e
                (ratio_speculative), acceptance of drafted tokens, tokens emitted per verification round,
                layer-unit applications per emitted token (full depth: the model's depth), and the share of
                output tokens equal to full-depth greedy (1.0: exact, as it must be).
+  depthwise    recurrent models: continuous depth-wise batching (generate/depthwise.py) of --requests prompts
+               through --rows rows, exits at the model's recurrent.exit_depths (or thirds of the depth) by
+               confidence --threshold, against sequence-wise continuous batching at full depth (same rows,
+               cache, kernels): tokens/s (ratio_depthwise), mean exit depth, exit histogram, agreement with
+               the full-depth tokens, and the held-out loss of the exits the rule chose (teacher-forced over
+               the windows' next --new-tokens tokens, copy-state KV) against full depth's.
 Last line JSON with the `ratio_*` fields. CPU figures on this machine; a GPU's balance of memory reads and
 compute differs, and so would the ratios.
 """
@@ -61,6 +67,9 @@ def main() -> None:
     p.add_argument("--spec", nargs="+", default=[], help="D:K pairs; default: D = depth/4 and depth/2, K = 2 and 4")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-uncached", action="store_true")
+    p.add_argument("--rows", type=int, default=16, help="depth-wise batching: rows in flight")
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--threshold", type=float, nargs="+", default=[0.8, 0.5])
     args = p.parse_args()
     with cli_errors():
         from cherry_megatron import distributed
@@ -111,8 +120,49 @@ def main() -> None:
                   f"same tokens {row['agreement']:.0%}", flush=True)
         best = max((v for k_, v in res.items() if k_.startswith("spec_")), key=lambda v: v["ratio_speculative"])
         res["ratio_speculative_best"] = best["ratio_speculative"]
+        if cfg.recurrent.num_blocks and not cfg.moee.num_experts:
+            res["depthwise"] = depthwise(model, cfg, stream, vocab, args)
         distributed.shutdown()
         print(json.dumps(res))
+
+
+def depthwise(model, cfg, stream, vocab: int, args) -> dict:
+    from cherry_megatron.generate.depthwise import DepthwiseBatcher
+
+    depth, n, plen = len(model.units()), args.new_tokens, args.prompt_length
+    exits = cfg.recurrent.exit_depths or [depth // 3, 2 * depth // 3]
+    starts = range(0, args.requests * 499, 499)
+    windows = [stream[s:s + plen + n].astype("int64").tolist() for s in starts]
+    prompts, forced = [w[:plen] for w in windows], [w[plen:] for w in windows]
+    max_len = plen + n + 1
+
+    def measure(schedule, threshold):
+        rates = []
+        for _ in range(max(1, args.repeats // 2)):  # each run is requests x new tokens; fewer repeats
+            b = DepthwiseBatcher(model, args.rows, max_len, vocab, exits, threshold, schedule)
+            t0 = time.perf_counter()
+            done = b.run(prompts, n)
+            rates.append(sum(len(r.tokens) for r in done) / (time.perf_counter() - t0))
+        tf = DepthwiseBatcher(model, args.rows, max_len, vocab, exits, threshold, schedule)
+        loss = statistics.mean(x for r in tf.run(prompts, n, forced) for x in r.nll)
+        return [r.tokens for r in done], statistics.median(rates), b.stats, loss
+
+    base, base_tps, _, base_loss = measure("sequence", None)
+    out = {"rows": args.rows, "requests": args.requests, "exit_depths": exits,
+           "sequence_tokens_per_s": round(base_tps, 2), "full_depth_heldout_loss": round(base_loss, 4)}
+    print(f"sequence-wise batching, {args.rows} rows: {base_tps:,.1f} tokens/s, held-out loss {base_loss:.4f}",
+          flush=True)
+    for threshold in [None, *args.threshold]:
+        toks, tps, stats, loss = measure("depthwise", threshold)
+        name = "no_exit" if threshold is None else f"threshold{threshold}"
+        out[name] = {"tokens_per_s": round(tps, 2), "ratio_depthwise": round(tps / base_tps, 3),
+                     "mean_depth": round(stats.mean_depth, 2), "exits": dict(sorted(stats.exits.items())),
+                     "rows_per_tick": round(stats.unit_rows / max(1, stats.ticks), 2),
+                     "agreement": _agreement(toks, base), "heldout_loss": round(loss, 4)}
+        print(f"depth-wise {name}: {tps:,.1f} tokens/s ({tps / base_tps:.2f}x), mean depth {stats.mean_depth:.1f} "
+              f"of {depth}, exits {dict(sorted(stats.exits.items()))}, same tokens {out[name]['agreement']:.0%}, "
+              f"held-out loss {loss:.4f}", flush=True)
+    return out
 
 
 def _agreement(a: list[list[int]], b: list[list[int]]) -> float:

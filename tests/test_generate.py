@@ -334,3 +334,17 @@ def test_depthwise_batching_refuses_a_dense_model(model):
         pytest.skip("a recurrent model is what it takes")
     with pytest.raises(ValueError, match="needs a recurrent model"):
         DepthwiseBatcher(model, rows=2, max_len=8, vocab=VOCAB)
+
+
+def test_teacher_forced_depthwise_loss_at_full_depth_is_the_forward_loss(looped):
+    from cherry_megatron.generate.depthwise import DepthwiseBatcher
+
+    windows = torch.randint(0, VOCAB, (3, 14), generator=torch.Generator().manual_seed(9))
+    prompts, forced = windows[:, :6].tolist(), windows[:, 6:].tolist()
+    done = DepthwiseBatcher(looped, rows=2, max_len=32, vocab=VOCAB).run(prompts, 8, forced)
+    with torch.no_grad():
+        ref = torch.nn.functional.cross_entropy(_reference(looped, windows[:, :-1])[:, 5:].reshape(-1, VOCAB),
+                                                windows[:, 6:].reshape(-1), reduction="none").view(3, 8)
+    for req, row in zip(done, ref):
+        assert req.tokens == req.forced
+        assert req.nll == pytest.approx(row.tolist(), abs=1e-4)

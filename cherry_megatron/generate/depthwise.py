@@ -70,8 +70,18 @@ class TickView:
 @dataclass
 class Request:
     prompt: list[int]
+    forced: list[int] | None = None  # teacher forcing: the true continuation, fed instead of the model's choice
     tokens: list[int] = field(default_factory=list)
     depths: list[int] = field(default_factory=list)  # the depth each new token exited at
+    nll: list[float] = field(default_factory=list)  # with `forced`: -log p(true next token) where it exited
+
+    def choose(self, probs: torch.Tensor) -> int:
+        """The token this request goes on with, from the distribution it exited with (recording its loss)."""
+        if self.forced is None:
+            return int(probs.argmax())
+        target = self.forced[len(self.tokens)]
+        self.nll.append(-float(torch.log(probs[target].clamp(min=1e-30))))
+        return target
 
 
 @dataclass
@@ -107,9 +117,11 @@ class DepthwiseBatcher:
         self.stats = DepthwiseStats()
 
     @torch.no_grad()
-    def run(self, prompts: list[list[int]], max_new_tokens: int) -> list[Request]:
-        """Every prompt's new tokens (greedy), `max_new_tokens` each or up to the end-of-document token."""
-        queue = [Request(list(p)) for p in prompts]
+    def run(self, prompts: list[list[int]], max_new_tokens: int, forced: list[list[int]] | None = None) -> list[Request]:
+        """Every prompt's new tokens (greedy), `max_new_tokens` each or up to the end-of-document token. With
+        `forced` (each prompt's true continuation, >= max_new_tokens long) the true tokens are fed and each
+        request's `nll` is the held-out loss of the exits the confidence rule chose."""
+        queue = [Request(list(p), list(f) if forced else None) for p, f in zip(prompts, forced or [None] * len(prompts))]
         todo, slots = list(queue), [None] * self.rows
         device = self.model.embed.weight.device
         stream = torch.zeros(self.rows, 1, self.model.cfg.hidden_size, dtype=self.kv.k.dtype, device=device)
@@ -135,7 +147,8 @@ class DepthwiseBatcher:
                 stream, position = self._tick(active, stream, position, slots, max_new_tokens)
 
     def _done(self, req: Request, max_new: int) -> bool:
-        return len(req.tokens) >= max_new or (self.eos is not None and req.tokens and req.tokens[-1] == self.eos)
+        eos = self.eos is not None and req.forced is None and req.tokens and req.tokens[-1] == self.eos
+        return len(req.tokens) >= max_new or eos
 
     def _admit(self, r: int, req: Request) -> torch.Tensor:
         """Prefill `req` alone (full depth), copy its keys/values into row r; returns its first token's stream."""
@@ -145,7 +158,7 @@ class DepthwiseBatcher:
         for p, c in enumerate(cache.units):
             self.kv.k[p, r, :, :n], self.kv.v[p, r, :, :n] = c.k[0, :, :n], c.v[0, :, :n]
         self.kv.lengths[r] = n
-        token = int(logits[0, -1].argmax())
+        token = req.choose(torch.softmax(logits[0, -1], dim=-1))
         req.tokens.append(token)
         req.depths.append(self.depth)
         return self.model.embed(torch.tensor([[token]], device=self.kv.k.device))[0]
@@ -175,7 +188,7 @@ class DepthwiseBatcher:
         if check:
             idx = torch.tensor(check, device=x.device)
             probs = torch.softmax(full_logits(model, x[idx], self.vocab)[:, -1], dim=-1)
-            top, token = probs.max(dim=-1)
+            top = probs.max(dim=-1).values
             for j, i in enumerate(check):
                 d, r = int(depth[i]), int(rows[i])
                 if d < self.depth and float(top[j]) < self.threshold:
@@ -184,11 +197,12 @@ class DepthwiseBatcher:
                     self._copy_state(r, d, x[i])
                 self.kv.lengths[r] += 1
                 req = slots[r]
-                req.tokens.append(int(token[j]))
+                token = req.choose(probs[j])
+                req.tokens.append(token)
                 req.depths.append(d)
                 self.stats.exits[d] += 1
                 position[r] = 0
-                stream[r] = model.embed(token[j].view(1, 1))[0]
+                stream[r] = model.embed(torch.tensor([[token]], device=x.device))[0]
         return stream, position
 
     def _position_params(self, pos: torch.Tensor) -> PositionParams:
