@@ -1,0 +1,116 @@
+"""Run a recipe's stages in order into one directory, resumably.
+
+A stage's output is DIR/<stage>/; it is finished when DIR/<stage>/.stage.json exists, written atomically
+after everything else (its settings and summary). A finished stage is skipped when its settings are the
+recipe's, and refused (with the difference) when they are not, unless `--rerun STAGE` names it or an
+earlier stage: then it and every stage after it run again from scratch. An unfinished train stage runs its
+same command again, and the trainer resumes from the run dir's checkpoint; an unfinished tool stage's
+partial output is removed first (the tools refuse an existing output).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from cherry_megatron.errors import ConfigError, TrainingError
+from cherry_megatron.recipe import stages as kinds
+from cherry_megatron.recipe.spec import Stage, diff
+
+MARKER = ".stage.json"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def marker(run_dir: Path, stage: Stage) -> dict | None:
+    path = run_dir / stage.name / MARKER
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def plan(stages: list[Stage], run_dir: Path, until: str = "", rerun: str = "") -> list[tuple[Stage, str]]:
+    """(stage, what happens to it: skip | run | rerun) for the stages up to `until`, checked before anything
+    runs: a finished stage whose settings changed is an error naming the difference."""
+    names = [s.name for s in stages]
+    for flag, name in (("--until", until), ("--rerun", rerun)):
+        if name and name not in names:
+            raise ConfigError(f"{flag} {name}: no stage named '{name}' (stages: {', '.join(names)})")
+    upto = stages[:names.index(until) + 1] if until else stages
+    first_rerun = names.index(rerun) if rerun else len(stages)
+    out = []
+    for i, s in enumerate(upto):
+        done = marker(run_dir, s)
+        if i >= first_rerun:
+            out.append((s, "rerun" if (run_dir / s.name).exists() else "run"))
+        elif done is None:
+            out.append((s, "run"))
+        elif done["settings"] != s.settings():
+            raise ConfigError(f"stage '{s.name}' is finished with other settings ({diff(done['settings'], s.settings())});"
+                              f" give --rerun {s.name} to run it and every later stage again")
+        else:
+            out.append((s, "skip"))
+    return out
+
+
+def run_stage(stage: Stage, run_dir: Path, env: dict | None = None) -> dict:
+    out = run_dir / stage.name
+    if stage.kind != "train" and out.exists():
+        shutil.rmtree(out)  # a tool stopped half-way; the tools refuse an existing output
+    out.mkdir(parents=True, exist_ok=True) if stage.kind in ("convert", "evaluate") else None
+    logs, t0 = [], time.perf_counter()
+    for cmd in kinds.commands(stage, run_dir):
+        print(f"[{stage.name}] {' '.join(cmd)}", flush=True)
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        logs.append(proc.stdout)
+        (run_dir / f"{stage.name}.log").open("a").write(proc.stdout + proc.stderr)
+        if proc.returncode != 0:
+            errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+            raise TrainingError(f"stage '{stage.name}' failed (exit {proc.returncode}): "
+                                f"{errors[-1][7:] if errors else 'see ' + str(run_dir / (stage.name + '.log'))}")
+    summary = kinds.summary(stage, run_dir, logs)
+    summary["wall_s"] = round(time.perf_counter() - t0, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / MARKER, json.dumps({"settings": stage.settings(), "summary": summary}, indent=1))
+    return summary
+
+
+def run(stages: list[Stage], run_dir: Path, until: str = "", rerun: str = "", env: dict | None = None) -> dict:
+    steps = plan(stages, run_dir, until, rerun)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for s, action in steps:
+        if action == "rerun":
+            shutil.rmtree(run_dir / s.name)
+        if action == "skip":
+            print(f"[{s.name}] finished already: skipped", flush=True)
+            continue
+        run_stage(s, run_dir, env)
+    return status(stages, run_dir)
+
+
+def status(stages: list[Stage], run_dir: Path) -> dict:
+    """{"stages": {name: {kind, status, params, active_params, tokens, wall_s, eval_loss}}}, also in
+    DIR/report.json, with DIR/report.md and DIR/report.png."""
+    from cherry_megatron.recipe.report import write_report
+
+    table = {}
+    for s in stages:
+        done = marker(run_dir, s)
+        state = "done" if done else "partial" if (run_dir / s.name).exists() else "pending"
+        summ = dict(done["summary"]) if done else {}
+        if done and done["settings"] != s.settings():
+            state = "changed"
+        table[s.name] = {"kind": s.kind, "status": state, **{k: summ.get(k) for k in
+                         ("params", "active_params", "tokens", "wall_s", "eval_loss")}}
+        if "curve" in summ:
+            table[s.name]["_curve"] = summ["curve"]
+    result = {"stages": {n: {k: v for k, v in r.items() if not k.startswith("_")} for n, r in table.items()}}
+    if run_dir.exists():
+        _write_atomic(run_dir / "report.json", json.dumps(result, indent=1))
+        write_report(run_dir, table)
+    return result

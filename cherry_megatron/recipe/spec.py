@@ -1,0 +1,180 @@
+"""A recipe file: a YAML list of named stages (or {name:, stages: [...]}), each of one kind.
+
+    - name: dense            # DIR/dense/ is its output; later stages name it
+      kind: train            # train | compress | prune | fuse | convert | evaluate
+      config: tiny           # train: a preset, a YAML file, or @stage (that stage's output as the model)
+      set: {parallel.tp: 2, train.steps: 60, distill.teacher: "@dense"}
+      nproc: 2               # train: processes (torchrun on this machine)
+    - name: small
+      kind: compress         # compress | prune | convert: `from` one stage; fuse: `from` a list
+      from: dense
+      args: {target-layers: 2, lora-rank: 8}   # the tool's own options, without the dashes
+    - name: check
+      kind: evaluate
+      from: [dense, small]
+      args: {data: data/tokens/heldout_text_document, max-tokens: 4096}
+
+Any string value "@name" stands for DIR/name. A stage may name only stages before it: that rules out
+cycles, and the order in the file is the order they run in. `--set KEY=VALUE` applies to every train stage
+(a config key); `--set STAGE:KEY=VALUE` to that stage alone (a config key of a train stage, an option of a
+tool stage).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from cherry_megatron.errors import ConfigError
+
+KINDS = ("train", "compress", "prune", "fuse", "convert", "evaluate")
+ONE_INPUT = ("compress", "prune", "convert")
+FIELDS = {"name", "kind", "config", "set", "nproc", "from", "args"}
+
+
+@dataclass
+class Stage:
+    name: str
+    kind: str
+    config: str = ""
+    set: dict = field(default_factory=dict)
+    nproc: int = 1
+    inputs: list[str] = field(default_factory=list)  # `from`, in order
+    args: dict = field(default_factory=dict)
+
+    def references(self) -> list[str]:
+        """Every stage this one reads: its `from` and every "@name" among its values."""
+        refs = list(self.inputs)
+        for value in [self.config, *self.set.values(), *self.args.values()]:
+            for v in value if isinstance(value, list) else [value]:
+                if isinstance(v, str) and v.startswith("@"):
+                    refs.append(v[1:])
+        return refs
+
+    def settings(self) -> dict:
+        """What defines the stage's output: compared with a finished stage's before it is skipped."""
+        return {"kind": self.kind, "config": self.config, "set": self.set, "nproc": self.nproc,
+                "from": self.inputs, "args": self.args}
+
+
+def _parse_value(raw: str, where: str):
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"{where}: cannot parse '{raw}' as YAML") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> list[Stage]:
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"cannot read recipe {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {path} is not YAML: {str(e).splitlines()[0]}") from None
+    items = data.get("stages") if isinstance(data, dict) else data
+    if not isinstance(items, list) or not items:
+        raise ConfigError(f"recipe {path}: expected a list of stages (or a mapping with `stages:`)")
+    stages = [_stage(item, i, path) for i, item in enumerate(items)]
+    _apply_overrides(stages, overrides)
+    check(stages)
+    return stages
+
+
+def _stage(item, i: int, path) -> Stage:
+    if not isinstance(item, dict):
+        raise ConfigError(f"recipe {path}: stage {i + 1} is not a mapping")
+    name, kind = item.get("name"), item.get("kind")
+    if not name or not isinstance(name, str) or "/" in name or name.startswith("."):
+        raise ConfigError(f"recipe {path}: stage {i + 1} needs a `name` (a plain directory name)")
+    if kind not in KINDS:
+        raise ConfigError(f"stage '{name}': unknown kind '{kind}' (one of {', '.join(KINDS)})")
+    unknown = sorted(set(item) - FIELDS)
+    if unknown:
+        raise ConfigError(f"stage '{name}': unknown field '{unknown[0]}' (fields: {', '.join(sorted(FIELDS))})")
+    inputs = item.get("from", [])
+    inputs = [inputs] if isinstance(inputs, str) else list(inputs)
+    for key in ("set", "args"):
+        if not isinstance(item.get(key, {}), dict):
+            raise ConfigError(f"stage '{name}': `{key}` must be a mapping")
+    return Stage(name, kind, str(item.get("config", "")), dict(item.get("set", {})), int(item.get("nproc", 1)),
+                 inputs, dict(item.get("args", {})))
+
+
+def _apply_overrides(stages: list[Stage], overrides) -> None:
+    by_name = {s.name: s for s in stages}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects KEY=VALUE or STAGE:KEY=VALUE, got '{item}'")
+        key, raw = item.split("=", 1)
+        value = _parse_value(raw, f"--set {key}")
+        if ":" in key:
+            name, key = key.split(":", 1)
+            if name not in by_name:
+                raise ConfigError(f"--set {name}:{key}: no stage named '{name}'")
+            stage = by_name[name]
+            (stage.set if stage.kind == "train" else stage.args)[key] = value
+        else:
+            trains = [s for s in stages if s.kind == "train"]
+            if not trains:
+                raise ConfigError(f"--set {key}: the recipe has no train stage (name one: STAGE:{key}=...)")
+            for s in trains:
+                s.set[key] = value
+
+
+def check(stages: list[Stage]) -> None:
+    """Everything a recipe can get wrong without running: one error, before anything runs."""
+    seen: dict[str, Stage] = {}
+    names = [s.name for s in stages]
+    for s in stages:
+        if s.name in seen:
+            raise ConfigError(f"two stages are named '{s.name}'")
+        for ref in s.references():
+            if ref == s.name:
+                raise ConfigError(f"stage '{s.name}' uses itself: a cycle")
+            if ref not in names:
+                raise ConfigError(f"stage '{s.name}' uses '{ref}', which is no stage of the recipe")
+            if ref not in seen:
+                raise ConfigError(f"stage '{s.name}' uses '{ref}', which comes later: stages run in the order "
+                                  "given, so a stage can use only earlier ones (a cycle cannot run)")
+        _check_fields(s, seen)
+        seen[s.name] = s
+
+
+def _check_fields(s: Stage, earlier: dict[str, Stage]) -> None:
+    if s.kind == "train":
+        if not s.config:
+            raise ConfigError(f"stage '{s.name}' (train) needs `config` (a preset, a YAML file or @stage)")
+        if s.inputs:
+            raise ConfigError(f"stage '{s.name}' (train) takes no `from`: name the model as config: @stage")
+        if s.nproc < 1:
+            raise ConfigError(f"stage '{s.name}': nproc must be >= 1")
+        return
+    if s.set:
+        raise ConfigError(f"stage '{s.name}' ({s.kind}) takes `args`, not `set` (set is a train stage's config)")
+    if s.kind in ONE_INPUT and len(s.inputs) != 1:
+        raise ConfigError(f"stage '{s.name}' ({s.kind}) needs `from` naming one earlier stage")
+    if s.kind in ("fuse", "evaluate") and not s.inputs:
+        raise ConfigError(f"stage '{s.name}' ({s.kind}) needs `from` naming the stages it reads")
+    required = {"compress": ["target-layers"], "convert": ["output-format"], "evaluate": ["data"]}.get(s.kind, [])
+    for key in required:
+        if key not in s.args:
+            raise ConfigError(f"stage '{s.name}' ({s.kind}) needs args: {{{key}: ...}}")
+    if s.kind in ("compress", "prune") and earlier[s.inputs[0]].kind in ("evaluate", "convert"):
+        raise ConfigError(f"stage '{s.name}' ({s.kind}) reads '{s.inputs[0]}', a {earlier[s.inputs[0]].kind} stage "
+                          "that holds no model")
+
+
+def diff(old: dict, new: dict) -> str:
+    """The settings that differ, as `key: old -> new` (`set` and `args` entries one by one)."""
+    def flat(d):
+        return {f"{k}.{kk}" if isinstance(v, dict) else k: vv for k, v in d.items()
+                for kk, vv in (v.items() if isinstance(v, dict) else [(None, v)])}
+    old, new = flat(old), flat(new)
+    keys = sorted(set(old) | set(new))
+    out = []
+    for k in keys:
+        if old.get(k) != new.get(k):
+            out.append(f"{k}: {json.dumps(old.get(k), sort_keys=True)} -> {json.dumps(new.get(k), sort_keys=True)}")
+    return "; ".join(out)

@@ -1,0 +1,104 @@
+"""What each stage kind runs, and what it reports. Every stage runs the project's own command-line tool in a
+child process, as a user would type it, so a recipe is nothing a user could not do by hand."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from cherry_megatron.recipe.spec import Stage
+
+TOOLS = {"compress": "cherry_megatron.cli.compress", "prune": "cherry_megatron.cli.prune",
+         "fuse": "cherry_megatron.cli.build_moee", "convert": "cherry_megatron.cli.convert",
+         "evaluate": "cherry_megatron.evaluate"}
+
+
+def resolve(value, run_dir: Path):
+    """"@name" -> DIR/name (lists elementwise); anything else as given."""
+    if isinstance(value, list):
+        return [resolve(v, run_dir) for v in value]
+    if isinstance(value, str) and value.startswith("@"):
+        return str(run_dir / value[1:])
+    return value
+
+
+def _options(args: dict, run_dir: Path) -> list[str]:
+    out = []
+    for key, value in args.items():
+        value = resolve(value, run_dir)
+        if value is True:
+            out.append(f"--{key}")
+        elif value is not False and value is not None:
+            out += [f"--{key}", *(map(str, value) if isinstance(value, list) else [str(value)])]
+    return out
+
+
+def commands(stage: Stage, run_dir: Path) -> list[list[str]]:
+    """The command lines of `stage` (evaluate: one per input), output in DIR/<stage>."""
+    out, py = run_dir / stage.name, sys.executable
+    if stage.kind == "train":
+        config = resolve(stage.config, run_dir)
+        sets = [f"{k}={json.dumps(resolve(v, run_dir))}" for k, v in stage.set.items()]
+        launch = [py, "-m", "cherry_megatron.train"] if stage.nproc == 1 else \
+            [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={stage.nproc}", "-m",
+             "cherry_megatron.train"]
+        return [[*launch, "--config", str(config), "--run-dir", str(out), *(["--set", *sets] if sets else [])]]
+    tool = [py, "-m", TOOLS[stage.kind]]
+    inputs = [str(run_dir / name) for name in stage.inputs]
+    if stage.kind in ("compress", "prune"):
+        return [[*tool, "--load", inputs[0], "--output", str(out), *_options(stage.args, run_dir)]]
+    if stage.kind == "fuse":
+        return [[*tool, "--experts", *inputs, "--output", str(out), *_options(stage.args, run_dir)]]
+    if stage.kind == "convert":
+        fmt = stage.args.get("input-format", "deepspeed")
+        rest = {k: v for k, v in stage.args.items() if k != "input-format"}
+        return [[*tool, "--input", inputs[0], "--input-format", fmt, "--output", str(out / "model"),
+                 *_options(rest, run_dir)]]
+    return [[*tool, "--load", i, *_options(stage.args, run_dir)] for i in inputs]  # evaluate
+
+
+def model_dir(stage: Stage, run_dir: Path) -> Path | None:
+    """Where the stage's model is (what the next stages load), or None for a stage that makes none."""
+    return {"train": run_dir / stage.name, "compress": run_dir / stage.name, "prune": run_dir / stage.name,
+            "fuse": run_dir / stage.name, "convert": run_dir / stage.name / "model"}.get(stage.kind)
+
+
+def last_json(text: str) -> dict:
+    for line in reversed(text.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                pass
+    return {}
+
+
+EVAL_KEYS = {"compress": "heldout_loss_recurrent", "prune": "heldout_loss_after", "fuse": "heldout_loss_moee"}
+
+
+def summary(stage: Stage, run_dir: Path, outputs: list[str]) -> dict:
+    """{params, active_params, tokens, eval_loss} of a finished stage (None where it has no such thing)."""
+    from cherry_megatron.config import load_config
+    from cherry_megatron.convert.load import checkpoint_layer
+    from cherry_megatron.metrics import read_metrics
+    from cherry_megatron.model import parameter_count
+
+    out = {"params": None, "active_params": None, "tokens": None, "eval_loss": None}
+    where = model_dir(stage, run_dir)
+    if where is not None and stage.kind != "convert":
+        counts = parameter_count(load_config(str(where), read_checkpoint=checkpoint_layer))
+        out["params"], out["active_params"] = counts["total"], counts["active"]
+    if stage.kind == "train":
+        rows = read_metrics(run_dir / stage.name)
+        tokens = [r["consumed_tokens"] for r in rows if "consumed_tokens" in r]
+        evals = [r["eval_loss"] for r in rows if r.get("eval_loss") is not None]
+        out["tokens"] = tokens[-1] if tokens else None
+        out["eval_loss"] = evals[-1] if evals else None
+        out["curve"] = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
+    elif stage.kind == "evaluate":
+        results = [last_json(o) for o in outputs]
+        out["eval_loss"] = {name: r.get("loss") for name, r in zip(stage.inputs, results)}
+        out["tokens"] = results[0].get("tokens") if results else None
+    elif stage.kind in EVAL_KEYS:
+        out["eval_loss"] = last_json(outputs[0]).get(EVAL_KEYS[stage.kind])
+    return out

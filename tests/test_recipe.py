@@ -1,0 +1,85 @@
+"""The recipe runner: recipe files checked before anything runs, stages skipped when finished, refused when
+changed, and a short recipe run end to end through the real tools."""
+import json
+
+import pytest
+
+from cherry_megatron.errors import ConfigError
+from cherry_megatron.recipe import runner
+from cherry_megatron.recipe.spec import load_recipe
+
+GOOD = """
+- name: dense
+  kind: train
+  config: tiny
+  set: {train.steps: 4}
+- name: small
+  kind: compress
+  from: dense
+  args: {target-layers: 1, lora-rank: 2}
+- name: up
+  kind: train
+  config: "@small"
+  set: {distill.teacher: "@dense"}
+- name: check
+  kind: evaluate
+  from: [dense, up]
+  args: {data: data/tokens/heldout_text_document}
+"""
+
+
+def _recipe(tmp_path, text, name="r.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_a_recipe_reads_with_its_references_and_overrides(tmp_path):
+    stages = load_recipe(_recipe(tmp_path, GOOD), ["train.lr=0.001", "up:train.steps=2", "small:lora-rank=4"])
+    assert [s.name for s in stages] == ["dense", "small", "up", "check"]
+    dense, small, up, check = stages
+    assert dense.set == {"train.steps": 4, "train.lr": 0.001} and up.set["train.lr"] == 0.001
+    assert up.set["train.steps"] == 2 and "train.steps" not in small.args and small.args["lora-rank"] == 4
+    assert up.references() == ["small", "dense"] and check.references() == ["dense", "up"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("- {name: a, kind: bake}", "unknown kind 'bake'"),
+    ("- {name: a, kind: compress, from: b, args: {target-layers: 1}}\n- {name: b, kind: train, config: tiny}",
+     "uses 'b', which comes later"),
+    ("- {name: a, kind: train, config: tiny}\n- {name: b, kind: compress, from: zz, args: {target-layers: 1}}",
+     "'zz', which is no stage"),
+    ("- {name: a, kind: train, config: '@a'}", "uses itself: a cycle"),
+    ("- {name: a, kind: train, config: tiny}\n- {name: b, kind: compress, from: a}", "needs args: {target-layers"),
+    ("- {name: a, kind: train}", "needs `config`"),
+    ("- {name: a, kind: train, config: tiny}\n- {name: a, kind: train, config: tiny}", "two stages are named 'a'"),
+    ("- {name: a, kind: train, config: tiny, colour: red}", "unknown field 'colour'"),
+    ("- {name: a, kind: evaluate, args: {data: x}}", "needs `from`"),
+    ("stages: 3", "expected a list of stages"),
+])
+def test_bad_recipes_are_one_error(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(_recipe(tmp_path, text))
+
+
+def test_a_bad_override_is_one_error(tmp_path):
+    path = _recipe(tmp_path, GOOD)
+    with pytest.raises(ConfigError, match="no stage named 'nope'"):
+        load_recipe(path, ["nope:train.steps=3"])
+    with pytest.raises(ConfigError, match="expects KEY=VALUE"):
+        load_recipe(path, ["train.steps"])
+
+
+def test_a_finished_stage_is_skipped_and_a_changed_one_refused_with_the_difference(tmp_path):
+    stages = load_recipe(_recipe(tmp_path, GOOD))
+    run_dir = tmp_path / "run"
+    (run_dir / "dense").mkdir(parents=True)
+    (run_dir / "dense" / runner.MARKER).write_text(json.dumps({"settings": stages[0].settings(), "summary": {}}))
+    assert [a for _, a in runner.plan(stages, run_dir)] == ["skip", "run", "run", "run"]
+    assert [a for _, a in runner.plan(stages, run_dir, rerun="dense")] == ["rerun", "run", "run", "run"]
+    assert [a for _, a in runner.plan(stages, run_dir, until="small")] == ["skip", "run"]
+    changed = load_recipe(_recipe(tmp_path, GOOD), ["dense:train.steps=5"])
+    with pytest.raises(ConfigError, match=r"\(set.train.steps: 4 -> 5\); give --rerun dense"):
+        runner.plan(changed, run_dir)
+    with pytest.raises(ConfigError, match="--until zz: no stage named"):
+        runner.plan(stages, run_dir, until="zz")
