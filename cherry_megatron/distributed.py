@@ -128,7 +128,14 @@ def init(parallel: ParallelConfig, timeout_s: float = 600) -> Layout:
     compat.skip_shm_comm_build()
     device = select_device(int(os.environ.get("LOCAL_RANK", "0")))
     backend = parallel.backend if parallel.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
-    if not dist.is_initialized():
+    if not dist.is_initialized() and int(os.environ["WORLD_SIZE"]) == 1:
+        # A world of one needs no rendezvous: an in-memory store, not a TCP port. The port env:// would use was
+        # found free and released (_free_port), and another process's connection can take it before the store
+        # listens (EADDRINUSE, seen with many one-process tools started side by side). DeepSpeed then adopts
+        # the group.
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    if not deepspeed.comm.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(seconds=timeout_s))
     if not parallel_state.model_parallel_is_initialized():
