@@ -105,7 +105,8 @@ class TrainConfig:
     activation_checkpointing: int = 0  # recompute activations in backward: 0 none, 1 every layer, n every n-th
     compile: bool = False  # torch.compile each block (bench/compile_step.py measures it against eager)
     # Early-exit training for any model (LayerSkip): after each of these layer units the shared head reads out and
-    # its next-token loss is added with its weight (a recurrent model's recurrent.exit_* add to these).
+    # its next-token loss is added with its weight to the ground-truth loss (so distill.ce_weight scales it too,
+    # and the logged `loss` includes it); a recurrent model's recurrent.exit_* come first, these override a depth.
     exit_depths: list[int] = field(default_factory=list)
     exit_loss_weights: list[float] = field(default_factory=list)
     exit_distill_weight: float = 0.0  # + this x KL(final distribution, detached || each exit's), RRT's exit KD
@@ -306,6 +307,13 @@ def parse_override(item: str) -> dict:
         node = node.setdefault(p, {})
     node[parts[-1]] = value
     return out
+
+
+def check_keys(overrides: list[str]) -> None:
+    """`--set` items name config keys of the right shape (what `load_config` would refuse first), without a
+    model to validate them against."""
+    for item in overrides:
+        _apply(Config(), parse_override(item))
 
 
 def load_config(config: str, overrides: Optional[list[str]] = None, read_checkpoint=None) -> Config:

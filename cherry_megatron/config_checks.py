@@ -107,6 +107,8 @@ def validate_exits(cfg) -> None:
     t, n = cfg.train, cfg.model.num_layers
     if any(not 1 <= d < n for d in t.exit_depths):
         raise ConfigError(f"train.exit_depths must lie in 1..{n - 1} (depth {n} is the final readout)")
+    if len(set(t.exit_depths)) != len(t.exit_depths):
+        raise ConfigError(f"train.exit_depths repeats a depth: {t.exit_depths}")
     if len(t.exit_loss_weights) != len(t.exit_depths):
         raise ConfigError("train.exit_loss_weights needs one weight per train.exit_depths entry")
     if min(t.exit_loss_weights, default=0) < 0 or t.exit_distill_weight < 0:

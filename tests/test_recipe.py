@@ -85,3 +85,24 @@ def test_a_finished_stage_is_skipped_and_a_changed_one_refused_with_the_differen
         runner.plan(changed, run_dir)
     with pytest.raises(ConfigError, match="--until zz: no stage named"):
         runner.plan(stages, run_dir, until="zz")
+
+
+def test_a_stage_whose_input_ran_again_runs_again(tmp_path):
+    stages = load_recipe(_recipe(tmp_path, GOOD))
+    run_dir = tmp_path / "run"
+    for s in stages[:2]:  # dense and small finished, small made from this dense
+        (run_dir / s.name).mkdir(parents=True)
+        (run_dir / s.name / runner.MARKER).write_text(json.dumps(
+            {"settings": s.settings(), "inputs": runner.inputs_of(s, run_dir), "summary": {}}))
+    assert [a for _, a in runner.plan(stages, run_dir)][:2] == ["skip", "skip"]
+    assert [a for _, a in runner.plan(stages, run_dir, rerun="dense")][:2] == ["rerun", "rerun"]
+    # dense made again by a run that stopped there (--rerun dense --until dense): small is stale
+    (run_dir / "dense" / runner.MARKER).write_text(json.dumps({"settings": stages[0].settings(), "summary": {"x": 1}}))
+    assert [a for _, a in runner.plan(stages, run_dir)][:2] == ["skip", "rerun"]
+
+
+def test_stage_references_and_keys_on_the_command_line(tmp_path):
+    stages = load_recipe(_recipe(tmp_path, GOOD), ["up:distill.teacher=@small"])
+    assert stages[2].set["distill.teacher"] == "@small"
+    with pytest.raises(ConfigError, match="stage 'dense': unknown config key 'train.stepz'"):
+        load_recipe(_recipe(tmp_path, GOOD), ["dense:train.stepz=3"])

@@ -105,6 +105,10 @@ def _generate(args, texts: list[str]) -> list[dict]:
         tok = load_tokenizer(cfg.data.tokenizer_model)
         if tok.vocab_size > cfg.model.vocab_size:
             raise CheckpointError(f"the tokenizer has {tok.vocab_size} tokens, the model {cfg.model.vocab_size}")
+        if cfg.moee.num_experts and cfg.moee.capacity_factor > 0:
+            raise CheckpointError(f"{args.load} routes with moee.capacity_factor={cfg.moee.capacity_factor}: which tokens "
+                                  "an expert drops depends on the other tokens of the pass, so cached decoding would "
+                                  "differ from the model; generation needs dropless routing (capacity_factor 0)")
         dtype = compute_dtype(cfg.train.precision if args.precision == "train" else args.precision, layout.device)
         model = model.to(device=layout.device, dtype=dtype)
         depth = len(model.units())

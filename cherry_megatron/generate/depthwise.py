@@ -121,6 +121,13 @@ class DepthwiseBatcher:
         """Every prompt's new tokens (greedy), `max_new_tokens` each or up to the end-of-document token. With
         `forced` (each prompt's true continuation, >= max_new_tokens long) the true tokens are fed and each
         request's `nll` is the held-out loss of the exits the confidence rule chose."""
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty")
+            if len(p) + max_new_tokens > self.max_len:
+                raise ValueError(f"prompt {i}: {len(p)} + {max_new_tokens} new tokens exceed the cache's {self.max_len}")
+            if forced and len(forced[i]) < max_new_tokens:
+                raise ValueError(f"forced continuation {i} holds {len(forced[i])} tokens, fewer than {max_new_tokens}")
         queue = [Request(list(p), list(f) if forced else None) for p, f in zip(prompts, forced or [None] * len(prompts))]
         todo, slots = list(queue), [None] * self.rows
         device = self.model.embed.weight.device
@@ -154,7 +161,8 @@ class DepthwiseBatcher:
         """Prefill `req` alone (full depth), copy its keys/values into row r; returns its first token's stream."""
         n = len(req.prompt)
         cache = ModelCache(self.model, 1, n)
-        logits = prefill(self.model, torch.tensor([req.prompt], device=self.kv.k.device), cache, self.vocab)
+        logits = prefill(self.model, torch.tensor([req.prompt], device=self.kv.k.device), cache, self.vocab,
+                         last_only=True)
         for p, c in enumerate(cache.units):
             self.kv.k[p, r, :, :n], self.kv.v[p, r, :, :n] = c.k[0, :, :n], c.v[0, :, :n]
         self.kv.lengths[r] = n

@@ -12,6 +12,8 @@ One round, with n positions cached everywhere and `pending` the next token (know
 The early units' work on an accepted draft is reused as is: the verifier continues from the same stream
 the full model would have computed (the early units are the same function), which is why the output is
 exact. For a recurrent model the units are loop positions, so any exit position works the same way.
+Exact means the same computation: the verifier runs K positions in one pass where plain decoding runs one,
+so in bf16 a near-tie can round the other way (fp32 on CPU: identical in every test).
 """
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ def speculative_generate(model, prompt: list[int], max_new_tokens: int, vocab: i
     stats = stats if stats is not None else SpeculativeStats()
     device = model.embed.weight.device
     cache = ModelCache(model, 1, len(prompt) + max_new_tokens + k)
-    pending = prefill(model, torch.tensor([prompt], device=device), cache, vocab, chunk)[:, -1].argmax(-1)
+    pending = prefill(model, torch.tensor([prompt], device=device), cache, vocab, chunk, last_only=True)[:, -1].argmax(-1)
     out, n = [int(pending)], len(prompt)
     while len(out) < max_new_tokens and out[-1] != eos:
         streams, drafts, token = [], [], pending

@@ -1,14 +1,17 @@
 """Run a recipe's stages in order into one directory, resumably.
 
 A stage's output is DIR/<stage>/; it is finished when DIR/<stage>/.stage.json exists, written atomically
-after everything else (its settings and summary). A finished stage is skipped when its settings are the
-recipe's, and refused (with the difference) when they are not, unless `--rerun STAGE` names it or an
-earlier stage: then it and every stage after it run again from scratch. An unfinished train stage runs its
+after everything else (its settings, the fingerprints of the markers of the stages it read, and its
+summary). A finished stage is skipped when its settings are the recipe's and its inputs are the ones it was
+made from; it runs again when an input ran again (or was removed); it is refused (with the difference) when
+its own settings changed, unless `--rerun STAGE` names it or an earlier stage: then it and every stage
+after it run again from scratch. An unfinished train stage runs its
 same command again, and the trainer resumes from the run dir's checkpoint; an unfinished tool stage's
 partial output is removed first (the tools refuse an existing output).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -34,6 +37,15 @@ def marker(run_dir: Path, stage: Stage) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def fingerprint(run_dir: Path, name: str) -> str:
+    path = run_dir / name / MARKER
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else ""
+
+
+def inputs_of(stage: Stage, run_dir: Path) -> dict:
+    return {name: fingerprint(run_dir, name) for name in dict.fromkeys(stage.references())}
+
+
 def plan(stages: list[Stage], run_dir: Path, until: str = "", rerun: str = "") -> list[tuple[Stage, str]]:
     """(stage, what happens to it: skip | run | rerun) for the stages up to `until`, checked before anything
     runs: a finished stage whose settings changed is an error naming the difference."""
@@ -43,10 +55,12 @@ def plan(stages: list[Stage], run_dir: Path, until: str = "", rerun: str = "") -
             raise ConfigError(f"{flag} {name}: no stage named '{name}' (stages: {', '.join(names)})")
     upto = stages[:names.index(until) + 1] if until else stages
     first_rerun = names.index(rerun) if rerun else len(stages)
-    out = []
+    out, runs = [], set()
     for i, s in enumerate(upto):
         done = marker(run_dir, s)
-        if i >= first_rerun:
+        stale = done is not None and (any(r in runs for r in s.references()) or
+                                      done.get("inputs", {}) != inputs_of(s, run_dir))
+        if i >= first_rerun or (stale and done["settings"] == s.settings()):
             out.append((s, "rerun" if (run_dir / s.name).exists() else "run"))
         elif done is None:
             out.append((s, "run"))
@@ -55,6 +69,8 @@ def plan(stages: list[Stage], run_dir: Path, until: str = "", rerun: str = "") -
                               f" give --rerun {s.name} to run it and every later stage again")
         else:
             out.append((s, "skip"))
+        if out[-1][1] != "skip":
+            runs.add(s.name)
     return out
 
 
@@ -64,19 +80,25 @@ def run_stage(stage: Stage, run_dir: Path, env: dict | None = None) -> dict:
         shutil.rmtree(out)  # a tool stopped half-way; the tools refuse an existing output
     out.mkdir(parents=True, exist_ok=True) if stage.kind in ("convert", "evaluate") else None
     logs, t0 = [], time.perf_counter()
+    log_path, out_path = run_dir / f"{stage.name}.log", run_dir / f"{stage.name}.out"
     for cmd in kinds.commands(stage, run_dir):
         print(f"[{stage.name}] {' '.join(cmd)}", flush=True)
-        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        logs.append(proc.stdout)
-        (run_dir / f"{stage.name}.log").open("a").write(proc.stdout + proc.stderr)
-        if proc.returncode != 0:
-            errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-            raise TrainingError(f"stage '{stage.name}' failed (exit {proc.returncode}): "
-                                f"{errors[-1][7:] if errors else 'see ' + str(run_dir / (stage.name + '.log'))}")
+        # Streamed to files as it runs (hours of a trainer's output never sit in memory): stderr appended to
+        # DIR/<stage>.log, stdout (a tool's result line) to DIR/<stage>.out.
+        with open(log_path, "a") as log, open(out_path, "w") as stdout:
+            log.write(f"$ {' '.join(cmd)}\n")
+            log.flush()
+            code = subprocess.run(cmd, env=env, stdout=stdout, stderr=log).returncode
+        logs.append(out_path.read_text())
+        if code != 0:
+            errors = [line for line in log_path.read_text().splitlines() if line.startswith("error:")]
+            raise TrainingError(f"stage '{stage.name}' failed (exit {code}): "
+                                f"{errors[-1][7:] if errors else 'see ' + str(log_path)}")
     summary = kinds.summary(stage, run_dir, logs)
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / MARKER, json.dumps({"settings": stage.settings(), "summary": summary}, indent=1))
+    _write_atomic(out / MARKER, json.dumps({"settings": stage.settings(), "inputs": inputs_of(stage, run_dir),
+                                            "summary": summary}, indent=1))
     return summary
 
 

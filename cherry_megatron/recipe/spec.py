@@ -22,6 +22,7 @@ tool stage).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,12 +57,17 @@ class Stage:
         return refs
 
     def settings(self) -> dict:
-        """What defines the stage's output: compared with a finished stage's before it is skipped."""
-        return {"kind": self.kind, "config": self.config, "init": self.init, "set": self.set, "nproc": self.nproc,
+        """What defines the stage's output: compared with a finished stage's before it is skipped (with
+        the content of a YAML file `config` names, so an edited file counts as a change)."""
+        path = Path(self.config)
+        content = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if self.config and path.is_file() else ""
+        return {"kind": self.kind, "config_sha256": content, "config": self.config, "init": self.init, "set": self.set, "nproc": self.nproc,
                 "from": self.inputs, "args": self.args}
 
 
 def _parse_value(raw: str, where: str):
+    if raw.startswith("@"):
+        return raw  # a stage reference: YAML reserves a plain @ at the start of a value
     try:
         return yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
@@ -96,7 +102,11 @@ def _stage(item, i: int, path) -> Stage:
     if unknown:
         raise ConfigError(f"stage '{name}': unknown field '{unknown[0]}' (fields: {', '.join(sorted(FIELDS))})")
     inputs = item.get("from", [])
-    inputs = [inputs] if isinstance(inputs, str) else list(inputs)
+    inputs = [inputs] if isinstance(inputs, str) else inputs
+    if not isinstance(inputs, list) or not all(isinstance(x, str) for x in inputs):
+        raise ConfigError(f"stage '{name}': `from` names a stage or a list of stages")
+    if not isinstance(item.get("nproc", 1), int) or isinstance(item.get("nproc", 1), bool):
+        raise ConfigError(f"stage '{name}': nproc must be a whole number")
     for key in ("set", "args"):
         if not isinstance(item.get(key, {}), dict):
             raise ConfigError(f"stage '{name}': `{key}` must be a mapping")
@@ -144,8 +154,19 @@ def check(stages: list[Stage]) -> None:
         seen[s.name] = s
 
 
+def _check_keys(s: Stage) -> None:
+    """Every `set` key is a config key (values are checked by the trainer, against the model it starts from)."""
+    from cherry_megatron.config import check_keys
+
+    try:
+        check_keys([f"{key}={json.dumps(value)}" for key, value in s.set.items()])
+    except ConfigError as e:
+        raise ConfigError(f"stage '{s.name}': {e}") from None
+
+
 def _check_fields(s: Stage, earlier: dict[str, Stage]) -> None:
     if s.kind == "train":
+        _check_keys(s)
         if not s.config and not s.init:
             raise ConfigError(f"stage '{s.name}' (train) needs `config` (a preset or YAML file) or `init` (@stage)")
         if s.init and not s.init.startswith("@"):
@@ -167,9 +188,10 @@ def _check_fields(s: Stage, earlier: dict[str, Stage]) -> None:
     for key in required:
         if key not in s.args:
             raise ConfigError(f"stage '{s.name}' ({s.kind}) needs args: {{{key}: ...}}")
-    if s.kind in ("compress", "prune") and earlier[s.inputs[0]].kind in ("evaluate", "convert"):
-        raise ConfigError(f"stage '{s.name}' ({s.kind}) reads '{s.inputs[0]}', a {earlier[s.inputs[0]].kind} stage "
-                          "that holds no model")
+    for name in s.inputs:
+        if earlier[name].kind == "evaluate" or (s.kind in ("compress", "prune") and earlier[name].kind == "convert"):
+            raise ConfigError(f"stage '{s.name}' ({s.kind}) reads '{name}', a {earlier[name].kind} stage that holds "
+                              "no model it can read")
 
 
 def diff(old: dict, new: dict) -> str:

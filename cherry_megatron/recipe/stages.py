@@ -14,11 +14,11 @@ TOOLS = {"compress": "cherry_megatron.cli.compress", "prune": "cherry_megatron.c
 
 
 def resolve(value, run_dir: Path):
-    """"@name" -> DIR/name (lists elementwise); anything else as given."""
+    """"@name" -> that stage's model dir (lists elementwise); anything else as given."""
     if isinstance(value, list):
         return [resolve(v, run_dir) for v in value]
     if isinstance(value, str) and value.startswith("@"):
-        return str(run_dir / value[1:])
+        return str(model_dir_of(value[1:], run_dir))
     return value
 
 
@@ -44,7 +44,7 @@ def commands(stage: Stage, run_dir: Path) -> list[list[str]]:
              "cherry_megatron.train"]
         return [[*launch, "--config", str(config), "--run-dir", str(out), *(["--set", *sets] if sets else [])]]
     tool = [py, "-m", TOOLS[stage.kind]]
-    inputs = [str(run_dir / name) for name in stage.inputs]
+    inputs = [str(model_dir_of(name, run_dir)) for name in stage.inputs]
     if stage.kind in ("compress", "prune"):
         return [[*tool, "--load", inputs[0], "--output", str(out), *_options(stage.args, run_dir)]]
     if stage.kind == "fuse":
