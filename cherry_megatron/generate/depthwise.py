@@ -28,7 +28,7 @@ import torch
 
 from cherry_megatron.generate.cache import ModelCache, full_logits
 from cherry_megatron.generate.decode import prefill
-from cherry_megatron.model.layers import LayerContext, PositionParams, apply_rope, column, position_norm
+from cherry_megatron.model.layers import LayerContext, PositionParams, position_norm, position_params
 
 
 class RowKV:
@@ -214,13 +214,12 @@ class DepthwiseBatcher:
         return stream, position
 
     def _position_params(self, pos: torch.Tensor) -> PositionParams:
-        """Each row's position parameters, gathered: embeddings [m, 1, h], norms [m, 1, h], LoRA [m, ...]."""
-        m, rc = self.model, self.model.rcfg
-        embed = m.iter_embed[pos][:, None, :] if rc.iteration_embedding else None
-        norms = (m.iter_norms[pos, 0][:, None, :], m.iter_norms[pos, 1][:, None, :]) if rc.iteration_norms else None
-        lora = {p: (getattr(m, f"lora_{p}_A")[pos], getattr(m, f"lora_{p}_B")[pos]) for p in m.lora_projections} \
-            if rc.lora_rank else None
-        return PositionParams(embed, norms, lora, 0)
+        """Each row's position parameters, gathered (model/layers.py `position_params` indexed by a tensor of
+        positions): embeddings and norms as [m, 1, h] to broadcast over the row's stream, LoRA [m, ...]."""
+        m = self.model
+        p = position_params(m, pos, m.rcfg, m.lora_projections, 0)
+        return p._replace(embed=p.embed[:, None, :] if p.embed is not None else None,
+                          norms=tuple(w[:, None, :] for w in p.norms) if p.norms is not None else None)
 
     def _copy_state(self, r: int, exit_depth: int, x: torch.Tensor) -> None:
         """Keys/values of row r's exited token at positions exit_depth.. from its exited stream x [1, h]."""
@@ -230,9 +229,6 @@ class DepthwiseBatcher:
             block, pp = model.layers[model.schedule[p]], model.position(p)
             h = x[None] + pp.embed if pp.embed is not None else x[None]
             a = block.attn_norm(h) if pp.norms is None else position_norm(h, pp.norms[0], block.attn_norm.eps)
-            kv = column(block.attn.kv, a, pp.lora.get("kv") if pp.lora else None)
-            k, v = kv.chunk(2, dim=-1)
-            k = k.reshape(1, 1, block.attn.n_kv, block.attn.head_dim).transpose(1, 2)
-            v = v.reshape(1, 1, block.attn.n_kv, block.attn.head_dim).transpose(1, 2)
-            self.kv.k[p, r, :, at] = apply_rope(k, cos, sin)[0, :, 0]
+            k, v = block.attn.keys_values(a, cos, sin, pp.lora.get("kv") if pp.lora else None)
+            self.kv.k[p, r, :, at] = k[0, :, 0]
             self.kv.v[p, r, :, at] = v[0, :, 0]

@@ -120,19 +120,24 @@ class Attention(nn.Module):
         queries attend to everything it holds."""
         lora = lora or {}
         b, s, _ = x.shape
-        q = column(self.q, x, lora.get("q"))
-        kv = column(self.kv, x, lora.get("kv"))
-        k, v = kv.chunk(2, dim=-1)
-        q = q.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.reshape(b, s, self.n_kv, self.head_dim).transpose(1, 2)
-        v = v.reshape(b, s, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = column(self.q, x, lora.get("q")).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        q = apply_rope(q, cos, sin)
+        k, v = self.keys_values(x, cos, sin, lora.get("kv"))
         causal, mask = True, None
         if cache is not None:
             k, v, mask, causal = cache.attend(k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=self.n_kv != self.n_heads)
         return row(self.o, y.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim), lora.get("o"))
+
+
+    def keys_values(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lora=None):
+        """k (RoPE'd) and v [b, kv heads, s, head dim] of the normed stream x; `lora` the kv projection's."""
+        b, s, _ = x.shape
+        k, v = column(self.kv, x, lora).chunk(2, dim=-1)
+        k = k.reshape(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.reshape(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        return apply_rope(k, cos, sin), v
 
 
 class SwiGLU(nn.Module):
