@@ -55,12 +55,12 @@ def _sync(device):
 
 
 def _memory_base_gib(device) -> float:
-    """What the peak is measured from: 0 after a reset on a GPU; on CPU the peak resident set before the trainer
-    (libraries, earlier stages), which the peak RSS includes (`metrics.base_memory_gib`)."""
-    from cherry_megatron.metrics import base_memory_gib
+    """What the peak is measured from, after the peak is reset (`metrics.reset_peak_memory`), so that an earlier
+    stage's transient (the SDPA probe's) is not the train stage's: 0 on a GPU; on CPU the resident set then,
+    which the peak RSS includes (`metrics.base_memory_gib`)."""
+    from cherry_megatron.metrics import base_memory_gib, reset_peak_memory
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     return base_memory_gib(device)
 
 

@@ -65,15 +65,33 @@ def returning_freed_memory():
 
 
 def memory_gib(device: torch.device) -> float:
-    """This process's peak memory so far: the allocator's `max_memory_allocated` on a GPU, the peak resident set
-    on CPU (where model, optimizer and DeepSpeed's buffers all live in host memory). There glibc keeps freed
-    blocks under 32 MiB resident for reuse (see `returning_freed_memory`), so the peak is what the process
-    held, a little above what was live at once."""
+    """This process's peak memory since the last `reset_peak_memory`: the allocator's `max_memory_allocated` on a
+    GPU, the peak resident set (VmHWM) on CPU (where model, optimizer and DeepSpeed's buffers all live in host
+    memory). There glibc keeps freed blocks under 32 MiB resident for reuse (see `returning_freed_memory`), so
+    the peak is what the process held, a little above what was live at once."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20  # kB
+    except (OSError, StopIteration):
+        import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start `memory_gib`'s peak afresh, so that a stage is not charged with an earlier one's transient: the
+    allocator's reset on a GPU; on Linux writing 5 to /proc/self/clear_refs sets VmHWM to the current resident
+    set (where that is not allowed the peak stays the process's, an over-estimate)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def base_memory_gib(device: torch.device) -> float:
