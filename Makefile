@@ -55,7 +55,7 @@ test: $(DATA) $(BRANCHES) $(MODEL)
 test-fast: $(DATA) $(BRANCHES) $(MODEL)
 	$(PY) -m pytest -q -m "not slow" tests
 
-demo: $(DATA)
+demo: $(DATA) $(BRANCHES)
 	bash launchers/demo.sh
 
 bench: $(DATA)

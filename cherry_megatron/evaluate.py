@@ -1,6 +1,9 @@
 """Held-out loss and perplexity of a checkpoint, by a rule any other tool can reproduce.
 
-    python -m cherry_megatron.evaluate --load RUN_DIR_OR_CHECKPOINT --data PREFIX [--seq-length S] [--max-tokens N]
+    python -m cherry_megatron.evaluate --load RUN_DIR_OR_CHECKPOINT [...] --data PREFIX [--seq-length S] [--max-tokens N]
+
+One JSON line per model given, in order: {"loss", "ppl", "tokens"} (and "load" when more than one is given:
+several models in one process, as the recipe's evaluate stage does, pay the libraries' start-up once).
 
 The data file's token stream in stored order (documents concatenated as written, EOD included) is cut
 into windows tokens[k*S : k*S+S+1]: the first S are the input, the last S the targets. Windows are
@@ -71,7 +74,7 @@ def heldout_losses(models: list, data: str, max_tokens: int, seq_length: int = 0
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--load", required=True, help="run dir, its checkpoints/ dir, or a checkpoint tag dir")
+    p.add_argument("--load", required=True, nargs="+", help="run dir, its checkpoints/ dir, or a checkpoint tag dir")
     p.add_argument("--data", required=True, help="prefix of a .bin/.idx pair")
     p.add_argument("--seq-length", type=int, default=0, help="default: the run's train.seq_length")
     p.add_argument("--max-tokens", type=int, default=0, help="tokens to predict; 0: the whole file")
@@ -79,12 +82,11 @@ def main(argv=None):
     p.add_argument("--precision", default="train", choices=["train", "fp32", "bf16"],
                    help="train (default): the run's train.precision on this device, as the trainer evaluated")
     args = p.parse_args(argv)
-    result = _evaluate(args)
-    if result is not None:
+    for result in _evaluate(args) or []:
         print(json.dumps(result), flush=True)
 
 
-def _evaluate(args) -> dict | None:
+def _evaluate(args) -> list[dict] | None:
     # stdout carries only the result line; DeepSpeed's import-time logger and op loader print to stdout.
     with cli_errors(), contextlib.redirect_stdout(sys.stderr):
         from megatron.core import parallel_state
@@ -99,21 +101,25 @@ def _evaluate(args) -> dict | None:
         stream = token_stream(args.data)
         distributed.set_threads(0)
         layout = distributed.init(ParallelConfig(tp=1))
+        results = []
         try:  # an in-process caller (tests, tools) must find no world left behind, error or not
-            model, cfg = load_model(args.load)
-            check_tokenizer(args.data, cfg.data.tokenizer_model, f"the model {args.load}")
-            if int(stream.max()) >= cfg.model.vocab_size:
-                raise CheckpointError(f"{args.data} holds token id {int(stream.max())}, beyond the model's "
-                                      f"vocabulary {cfg.model.vocab_size}: data and checkpoint come from different "
-                                      "tokenizers")
-            dtype = compute_dtype(cfg.train.precision if args.precision == "train" else args.precision, layout.device)
-            loss, n = window_loss(model.to(device=layout.device, dtype=dtype), stream, args.seq_length or cfg.train.seq_length,
-                                  args.max_tokens, args.batch_size, layout.device, layout.dp_rank, layout.dp,
-                                  parallel_state.get_data_parallel_group())
+            for load in args.load:
+                model, cfg = load_model(load)
+                check_tokenizer(args.data, cfg.data.tokenizer_model, f"the model {load}")
+                if int(stream.max()) >= cfg.model.vocab_size:
+                    raise CheckpointError(f"{args.data} holds token id {int(stream.max())}, beyond the model's "
+                                          f"vocabulary {cfg.model.vocab_size}: data and checkpoint come from different "
+                                          "tokenizers")
+                dtype = compute_dtype(cfg.train.precision if args.precision == "train" else args.precision, layout.device)
+                loss, n = window_loss(model.to(device=layout.device, dtype=dtype), stream,
+                                      args.seq_length or cfg.train.seq_length, args.max_tokens, args.batch_size,
+                                      layout.device, layout.dp_rank, layout.dp, parallel_state.get_data_parallel_group())
+                del model
+                results.append({"loss": loss, "ppl": float(np.exp(loss)), "tokens": n,
+                                **({"load": load} if len(args.load) > 1 else {})})
         finally:
             distributed.shutdown()
-        return {"loss": loss, "ppl": float(np.exp(loss)), "tokens": n} if layout.rank == 0 else None
-
+        return results if layout.rank == 0 else None
 
 if __name__ == "__main__":
     main()

@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# The main job (`make demo`): the tiny preset, tensor-parallel over 2 CPU processes (TP=2), on the
-# shipped Korean corpus; then an independent held-out evaluation and a short summary.
+# The main job (`make demo`): the CHERRY recipe at the tiny preset on the shipped corpus
+# (recipes/cherry-tiny.yaml: dense with SGT at TP=2 -> depth compression -> uptraining distilled from the
+# dense model -> Korean and English+code branches -> MoEE of the two at EP=2 with MTP -> every model
+# evaluated), then its stage table. About 5-10 minutes on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN_DIR=${RUN_DIR:-runs/demo}
-STEPS=${STEPS:-150}
-rm -rf "$RUN_DIR"  # the demo always starts fresh; a real run re-uses its run dir to resume
-OMP_NUM_THREADS=1 NPROC=2 launchers/torchrun.sh --config tiny --run-dir "$RUN_DIR" \
-  --set parallel.tp=2 train.steps="$STEPS" train.eval_interval=50 train.log_interval=10
-.venv/bin/python -m cherry_megatron.evaluate --load "$RUN_DIR" --data data/tokens/heldout_text_document \
-  | tee "$RUN_DIR/final_eval.json"
-.venv/bin/python tools/summarize_run.py "$RUN_DIR"
+rm -rf "$RUN_DIR"  # the demo always starts fresh; a real run re-uses its run dir, and finished stages are skipped
+mkdir -p "$RUN_DIR"
+start=$(date +%s)
+# Every stage's own output goes to $RUN_DIR/<stage>.log; the runner prints one line per command.
+OMP_NUM_THREADS=1 .venv/bin/python -m cherry_megatron.recipe run --recipe recipes/cherry-tiny.yaml \
+  --run-dir "$RUN_DIR" "$@" > "$RUN_DIR/result.json"
+echo
+sed -n '/^| stage/,/^$/p' "$RUN_DIR/report.md"
+echo "recipe finished in $(( $(date +%s) - start )) s: the stage table is $RUN_DIR/report.md (curves: $RUN_DIR/report.png),"
+echo "every stage's log $RUN_DIR/<stage>.log; run it again with:"
+echo "  .venv/bin/python -m cherry_megatron.recipe run --recipe recipes/cherry-tiny.yaml --run-dir $RUN_DIR"

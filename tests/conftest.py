@@ -90,3 +90,38 @@ def world_of_one():
     distributed.init(ParallelConfig(tp=1))
     yield
     distributed.shutdown()
+
+
+# The tiny recipe at a test budget: 4 steps a training stage (a checkpoint at 2), 1,024 tokens per evaluation.
+RECIPE_SHORT = ["train.steps=4", "train.warmup_steps=1", "train.save_interval=2", "train.eval_interval=2",
+                "train.log_interval=1", "train.seq_length=64", "train.micro_batch_size=2", "train.global_batch_size=4",
+                "train.eval_tokens=1024", "compressed:eval-tokens=1024", "moee:eval-tokens=1024",
+                "evaluate:max-tokens=1024"]
+
+
+def run_recipe(run_dir: Path, *args: str, env: dict | None = None, timeout: int = 900, popen: bool = False,
+               command: str = "run"):
+    """`python -m cherry_megatron.recipe run` (or `command`) of recipes/cherry-tiny.yaml at RECIPE_SHORT (popen:
+    started, not waited for, in its own session, so a test can kill the runner and its stages together)."""
+    from cherry_megatron.distributed import child_env
+
+    cmd = [sys.executable, "-m", "cherry_megatron.recipe", command, "--recipe", "recipes/cherry-tiny.yaml",
+           "--run-dir", str(run_dir), *args, "--set", *RECIPE_SHORT]
+    full_env = child_env({"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})})
+    if popen:
+        return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_recipe(corpus, tmp_path_factory):
+    """recipes/cherry-tiny.yaml run uninterrupted at RECIPE_SHORT: (run dir, its final stage table)."""
+    import json
+
+    if not (DATA / "tokens" / "train_ko_text_document.bin").exists():
+        pytest.fail("the per-language splits are missing: run `make branches` (make test does it)")
+    run_dir = tmp_path_factory.mktemp("recipe") / "tiny"
+    proc = run_recipe(run_dir)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return run_dir, json.loads(proc.stdout.strip().splitlines()[-1])["stages"]

@@ -106,3 +106,28 @@ def test_stage_references_and_keys_on_the_command_line(tmp_path):
     assert stages[2].set["distill.teacher"] == "@small"
     with pytest.raises(ConfigError, match="stage 'dense': unknown config key 'train.stepz'"):
         load_recipe(_recipe(tmp_path, GOOD), ["dense:train.stepz=3"])
+
+
+def test_the_shipped_recipes_read_and_the_1b_one_fits_two_eight_gpu_nodes(tmp_path):
+    from types import SimpleNamespace
+
+    from cherry_megatron.launch.slurm import Partition, check_fits
+    from cherry_megatron.recipe import chain
+
+    tiny = load_recipe("recipes/cherry-tiny.yaml")
+    assert [s.kind for s in tiny] == ["train", "compress", "train", "train", "train", "fuse", "train", "evaluate"]
+    big = load_recipe("recipes/cherry-1b.yaml")
+    assert big[0].config == "dense-1b-48l" and big[0].set["sgt.ratio"] == 0.15
+    assert big[1].args["target-layers"] == 6 and big[-2].set["moee.ep_size"] == 2
+    opts = SimpleNamespace(nodes=2, gpus_per_node=8, cpus_per_task=12, partition="", time="", account="",
+                           launcher="srun")
+    shapes = {s.name: chain.shape(s, opts) for s in big}
+    assert (shapes["dense"].nodes, shapes["dense"].tasks_per_node, shapes["dense"].gpus_per_node) == (2, 8, 8)
+    assert (shapes["branch-ko"].nodes, shapes["branch-ko"].tasks_per_node) == (2, 4)
+    assert (shapes["compressed"].nodes, shapes["compressed"].tasks_per_node, shapes["compressed"].gpus_per_node) == (1, 1, 1)
+    for job in shapes.values():
+        check_fits(job, Partition("gpu", nodes=2, cpus=96, gpus=8))
+    with pytest.raises(ConfigError, match="nproc 16 needs 16 GPUs on each of 1 nodes"):
+        chain.shape(big[0], SimpleNamespace(**{**vars(opts), "nodes": 1}))
+    with pytest.raises(ConfigError, match="nproc 16 does not spread evenly over 3 nodes"):
+        chain.shape(big[0], SimpleNamespace(**{**vars(opts), "nodes": 3}))

@@ -1,5 +1,7 @@
 """The SLURM launcher against a real cluster on this machine (tools/local_slurm.py: munge, slurmctld, two
-slurmd nodes): submit, preempt + requeue + resume, and what submit refuses. No mock of sbatch or srun."""
+slurmd nodes): submit, preempt + requeue + resume, what submit refuses, and the tiny recipe as a chain of
+jobs. No mock of sbatch or srun."""
+import json
 import subprocess
 import time
 
@@ -8,7 +10,7 @@ import pytest
 from cherry_megatron.distributed import child_env
 from cherry_megatron.faults import FAULT_ENV
 from cherry_megatron.metrics import read_metrics
-from conftest import ROOT, SHORT_RUN
+from conftest import ROOT, SHORT_RUN, run_recipe
 from tools.local_slurm import LocalSlurm
 
 pytestmark = pytest.mark.slow
@@ -119,3 +121,55 @@ def test_dry_run_prints_the_script_and_writes_nothing(cluster, tmp_path):
                  "export CUDA_DEVICE_MAX_CONNECTIONS=1"):
         assert line in script, line
     assert "{{" not in script and not (tmp_path / "run").exists()
+
+
+def release_requeued(cluster, job: str) -> None:
+    """A requeued job is held ~120 s (BeginTime); SLURM.md: an update right after the requeue fails ("already
+    killed"), 1.5 s later it works."""
+    wait_state(cluster, job, {"PENDING"}, reason="BeginTime")
+    for _ in range(10):
+        time.sleep(1.5)
+        cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+        if job_state(cluster, job) != ("PENDING", "BeginTime"):
+            return
+
+
+def test_the_recipe_as_a_chain_of_jobs_matches_the_local_run_and_a_preempted_stage_alone_requeues(
+        cluster, tiny_recipe, tmp_path):
+    """recipes/cherry-tiny.yaml with --slurm: one job per stage on the two nodes (dense and moee-train at
+    world 2 over both, the rest one task), each afterok on the stages it reads. A USR1 to the uptrain job
+    while it trains (step 3 waits for it, faults.stall): uptrain checkpoints and requeues; no other stage
+    runs twice; the stage table equals the local run's."""
+    run_dir = tmp_path / "chain"
+    env = {"SLURM_CONF": str(cluster.conf), FAULT_ENV: "pause@3"}
+    proc = run_recipe(run_dir, "--slurm", "--nodes", "2", "--gpus-per-node", "0", "--cpus-per-task", "1", env=env,
+                      timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = json.loads(proc.stdout.strip().splitlines()[-1])["jobs"]
+    assert list(jobs) == list(tiny_recipe[1]) and json.loads((run_dir / "slurm" / "jobs.json").read_text()) == jobs
+    assert f"[branch-ko] submitted job {jobs['branch-ko']} after {jobs['uptrain']}" in proc.stderr
+    log = run_dir / "uptrain.log"
+    deadline = time.monotonic() + 600
+    while "fault injected: pause at step 3" not in (log.read_text() if log.exists() else ""):
+        assert time.monotonic() < deadline and job_state(cluster, jobs["dense"])[0] != "FAILED", \
+            (run_dir / "dense.log").read_text()[-3000:] if (run_dir / "dense.log").exists() else "no dense.log"
+        time.sleep(0.3)
+    cluster.run("scancel", "--signal=USR1", jobs["uptrain"])
+    release_requeued(cluster, jobs["uptrain"])
+    for name, job in jobs.items():
+        assert wait_state(cluster, job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=900) == "COMPLETED", \
+            (name, (run_dir / f"{name}.log").read_text()[-3000:] if (run_dir / f"{name}.log").exists() else "")
+    outs = {name: "".join(p.read_text() for p in (run_dir / "slurm").glob(f"cherry-tiny-{name}-{job}.out"))
+            for name, job in jobs.items()}
+    assert "preempted (SIGUSR1 at step 3): requeueing job" in outs["uptrain"]
+    assert f"job {jobs['uptrain']} restart 1" in outs["uptrain"] and "start_step=3" in log.read_text()  # its preemption checkpoint
+    for name, out in outs.items():  # every other stage ran once
+        assert out.count(" restart ") == (2 if name == "uptrain" else 1), (name, out)
+    assert "world 2 = tp 2 x dp 1" in (run_dir / "dense.log").read_text()
+    final = run_recipe(run_dir, command="status")
+    assert final.returncode == 0, final.stderr[-2000:]
+    stages = json.loads(final.stdout.strip().splitlines()[-1])["stages"]
+    assert {n: r["status"] for n, r in stages.items()} == {n: "done" for n in stages}
+    for name, r in tiny_recipe[1].items():
+        assert stages[name]["eval_loss"] == pytest.approx(r["eval_loss"], rel=1e-6), name
+        assert (stages[name]["params"], stages[name]["tokens"]) == (r["params"], r["tokens"]), name

@@ -100,24 +100,35 @@ def render(args, cfg) -> str:
     config = str(Path(args.config).resolve()) if Path(args.config).is_file() else args.config
     train = f"-m cherry_megatron.train --config {shlex.quote(config)} --run-dir {shlex.quote(str(run_dir))}" + \
         (" --set " + " ".join(shlex.quote(s) for s in sets) if sets else "")
-    if args.launcher == "torchrun":
+    return batch_script(args, args.job_name or f"cherry-{cfg.name}", run_dir, run_dir / "slurm",
+                        launch_line(args.launcher, tasks_per_node(args), py, train))
+
+
+def launch_line(launcher: str, tasks: int, py: str, train: str) -> str:
+    """The batch script's line that starts `py train` (a quoted interpreter, then its arguments) on every
+    task of the job: srun (one task per process) or torchrun (one task per node)."""
+    if launcher == "torchrun":
         # $SLURM_NODEID must be read inside each task, not in the batch shell. torchrun's agent dies of
         # SIGUSR1 (it handles TERM/INT/HUP/QUIT only): it ignores it, the trainers install their handler.
         inner = (f"trap '' USR1; exec {py} -m torch.distributed.run --nnodes $SLURM_NNODES --node_rank $SLURM_NODEID "
-                 f"--nproc_per_node {tasks_per_node(args)} --master_addr $MASTER_ADDR --master_port $MASTER_PORT {train}")
-        launch = f"srun --kill-on-bad-exit=1 bash -c {shlex.quote(inner)}"
-        threads = max(1, args.cpus_per_task // tasks_per_node(args))
-    else:
-        launch = f"srun --kill-on-bad-exit=1 {py} {train}"
-        threads = args.cpus_per_task
+                 f"--nproc_per_node {tasks} --master_addr $MASTER_ADDR --master_port $MASTER_PORT {train}")
+        return f"srun --kill-on-bad-exit=1 bash -c {shlex.quote(inner)}"
+    return f"srun --kill-on-bad-exit=1 {py} {train}"
+
+
+def batch_script(args, job_name: str, run_dir: Path, log_dir: Path, launch: str) -> str:
+    """cherry_megatron/launch/train.sbatch filled in: the job's shape and site options from `args`, the
+    preemption marker looked for in `run_dir`, the log in `log_dir`, `launch` its one command."""
+    threads = max(1, args.cpus_per_task // tasks_per_node(args)) if args.launcher == "torchrun" else args.cpus_per_task
     site = "".join(f"#SBATCH --{k}={v}\n" for k, v in (("partition", args.partition), ("time", args.time),
                                                          ("account", args.account)) if v)
     if args.gpus_per_node:
         site += f"#SBATCH --gpus-per-node={args.gpus_per_node}\n"
-    values = {"JOB_NAME": args.job_name or f"cherry-{cfg.name}", "NODES": args.nodes,
+    values = {"JOB_NAME": job_name, "NODES": args.nodes,
               "TASKS_PER_NODE": 1 if args.launcher == "torchrun" else tasks_per_node(args),
               "CPUS_PER_TASK": args.cpus_per_task, "SITE": site, "RUN_DIR": shlex.quote(str(run_dir)),
-              "WORKDIR": shlex.quote(str(Path.cwd())), "THREADS": threads, "LAUNCH": launch}
+              "LOG_DIR": shlex.quote(str(log_dir)), "WORKDIR": shlex.quote(str(Path.cwd())), "THREADS": threads,
+              "LAUNCH": launch}
     text = TEMPLATE.read_text()
     for key, value in values.items():
         text = text.replace("{{" + key + "}}", str(value))

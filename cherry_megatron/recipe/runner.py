@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -74,21 +75,38 @@ def plan(stages: list[Stage], run_dir: Path, until: str = "", rerun: str = "") -
     return out
 
 
-def run_stage(stage: Stage, run_dir: Path, env: dict | None = None) -> dict:
+def _wait_passing_signals(proc: subprocess.Popen) -> int:
+    """The stage's exit code. A TERM or USR1 sent to the runner alone (`kill PID`, a scheduler's warning) is
+    passed on to the stage's process as TERM (torchrun forwards TERM to its workers but dies of USR1), so a
+    trainer checkpoints before the stage ends (faults.Preemption) instead of being orphaned; the runner then
+    fails the stage, and a later run resumes it."""
+    def forward(_signum, _frame):
+        proc.send_signal(signal.SIGTERM)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def run_stage(stage: Stage, run_dir: Path, env: dict | None = None, launch: tuple[str, int] | None = None) -> dict:
     out = run_dir / stage.name
     if stage.kind != "train" and out.exists():
         shutil.rmtree(out)  # a tool stopped half-way; the tools refuse an existing output
     out.mkdir(parents=True, exist_ok=True) if stage.kind in ("convert", "evaluate") else None
     logs, t0 = [], time.perf_counter()
     log_path, out_path = run_dir / f"{stage.name}.log", run_dir / f"{stage.name}.out"
-    for cmd in kinds.commands(stage, run_dir):
+    for cmd in kinds.commands(stage, run_dir, launch):
         print(f"[{stage.name}] {' '.join(cmd)}", flush=True)
-        # Streamed to files as it runs (hours of a trainer's output never sit in memory): stderr appended to
-        # DIR/<stage>.log, stdout (a tool's result line) to DIR/<stage>.out.
+        # Streamed to files as it runs (hours of a trainer's output never sit in memory), appended to
+        # DIR/<stage>.log across attempts; a tool's stdout (its result line) to DIR/<stage>.out instead.
         with open(log_path, "a") as log, open(out_path, "w") as stdout:
             log.write(f"$ {' '.join(cmd)}\n")
             log.flush()
-            code = subprocess.run(cmd, env=env, stdout=stdout, stderr=log).returncode
+            code = _wait_passing_signals(subprocess.Popen(cmd, env=env, stderr=log,
+                                                          stdout=log if stage.kind == "train" else stdout))
         logs.append(out_path.read_text())
         if code != 0:
             errors = [line for line in log_path.read_text().splitlines() if line.startswith("error:")]
@@ -113,6 +131,31 @@ def run(stages: list[Stage], run_dir: Path, until: str = "", rerun: str = "", en
             continue
         run_stage(s, run_dir, env)
     return status(stages, run_dir)
+
+
+def run_one(stages: list[Stage], run_dir: Path, name: str, launch: tuple[str, int] | None = None) -> None:
+    """One stage, as a SLURM job of a chain runs it (recipe.chain): its inputs must be finished; finished
+    itself with these settings and inputs (a requeued job that had ended), it is left as it is."""
+    stage = next((s for s in stages if s.name == name), None)
+    if stage is None:
+        raise ConfigError(f"--stage {name}: no stage named '{name}'")
+    missing = [r for r in dict.fromkeys(stage.references()) if marker(run_dir, next(s for s in stages if s.name == r)) is None]
+    if missing:
+        raise TrainingError(f"stage '{name}' reads '{missing[0]}', which is not finished")
+    done = marker(run_dir, stage)
+    if done and done["settings"] == stage.settings() and done.get("inputs") == inputs_of(stage, run_dir):
+        print(f"[{name}] finished already: skipped", flush=True)
+        return
+    if done:
+        shutil.rmtree(run_dir / name)
+    from cherry_megatron.distributed import LAUNCHER_VARS, child_env
+
+    # A job's batch shell carries the job's SLURM_PROCID/SLURM_NTASKS but is no task of it: srun needs those
+    # (it sizes its step from them), the tools and this process's own reading of checkpoints must not take
+    # them for a world to join.
+    job_env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    run_stage(stage, run_dir, env=job_env if launch and stage.kind == "train" else child_env(), launch=launch)
 
 
 def status(stages: list[Stage], run_dir: Path) -> dict:

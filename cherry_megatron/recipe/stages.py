@@ -3,6 +3,7 @@ child process, as a user would type it, so a recipe is nothing a user could not 
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -33,16 +34,24 @@ def _options(args: dict, run_dir: Path) -> list[str]:
     return out
 
 
-def commands(stage: Stage, run_dir: Path) -> list[list[str]]:
-    """The command lines of `stage` (evaluate: one per input), output in DIR/<stage>."""
+def commands(stage: Stage, run_dir: Path, launch: tuple[str, int] | None = None) -> list[list[str]]:
+    """The command lines of `stage`, output in DIR/<stage>. A train stage runs under torchrun on this
+    machine, or inside a SLURM job (`launch` = (srun | torchrun, tasks per node)) through the launcher's
+    own line, so a chained stage trains exactly as `cherry-submit` would train it."""
     out, py = run_dir / stage.name, sys.executable
     if stage.kind == "train":
         config = train_config(stage, run_dir)
         sets = [f"{k}={json.dumps(resolve(v, run_dir))}" for k, v in stage.set.items()]
-        launch = [py, "-m", "cherry_megatron.train"] if stage.nproc == 1 else \
-            [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={stage.nproc}", "-m",
-             "cherry_megatron.train"]
-        return [[*launch, "--config", str(config), "--run-dir", str(out), *(["--set", *sets] if sets else [])]]
+        train = ["-m", "cherry_megatron.train", "--config", str(config), "--run-dir", str(out),
+                 *(["--set", *sets] if sets else [])]
+        if launch:
+            from cherry_megatron.launch.slurm import launch_line
+
+            return [["bash", "-c", launch_line(launch[0], launch[1], shlex.quote(py),
+                                               " ".join(shlex.quote(a) for a in train))]]
+        if stage.nproc == 1:
+            return [[py, *train]]
+        return [[py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={stage.nproc}", *train]]
     tool = [py, "-m", TOOLS[stage.kind]]
     inputs = [str(model_dir_of(name, run_dir)) for name in stage.inputs]
     if stage.kind in ("compress", "prune"):
@@ -54,7 +63,7 @@ def commands(stage: Stage, run_dir: Path) -> list[list[str]]:
         rest = {k: v for k, v in stage.args.items() if k != "input-format"}
         return [[*tool, "--input", inputs[0], "--input-format", fmt, "--output", str(out / "model"),
                  *_options(rest, run_dir)]]
-    return [[*tool, "--load", i, *_options(stage.args, run_dir)] for i in inputs]  # evaluate
+    return [[*tool, "--load", *inputs, *_options(stage.args, run_dir)]]  # evaluate: one line per input
 
 
 ARCHITECTURE = ("name", "model", "recurrent", "moee")
@@ -91,14 +100,19 @@ def model_dir(stage: Stage, run_dir: Path) -> Path | None:
             "fuse": run_dir / stage.name, "convert": run_dir / stage.name / "model"}.get(stage.kind)
 
 
-def last_json(text: str) -> dict:
-    for line in reversed(text.strip().splitlines()):
+def json_lines(text: str) -> list[dict]:
+    out = []
+    for line in text.strip().splitlines():
         if line.startswith("{"):
             try:
-                return json.loads(line)
+                out.append(json.loads(line))
             except ValueError:
                 pass
-    return {}
+    return out
+
+
+def last_json(text: str) -> dict:
+    return (json_lines(text) or [{}])[-1]
 
 
 EVAL_KEYS = {"compress": "heldout_loss_recurrent", "prune": "heldout_loss_after", "fuse": "heldout_loss_moee"}
@@ -124,7 +138,7 @@ def summary(stage: Stage, run_dir: Path, outputs: list[str]) -> dict:
         out["eval_loss"] = evals[-1] if evals else None
         out["curve"] = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
     elif stage.kind == "evaluate":
-        results = [last_json(o) for o in outputs]
+        results = json_lines(outputs[0])
         out["eval_loss"] = {name: r.get("loss") for name, r in zip(stage.inputs, results)}
         out["tokens"] = results[0].get("tokens") if results else None
     elif stage.kind in EVAL_KEYS:
