@@ -131,3 +131,22 @@ def test_the_shipped_recipes_read_and_the_1b_one_fits_two_eight_gpu_nodes(tmp_pa
         chain.shape(big[0], SimpleNamespace(**{**vars(opts), "nodes": 1}))
     with pytest.raises(ConfigError, match="nproc 16 does not spread evenly over 3 nodes"):
         chain.shape(big[0], SimpleNamespace(**{**vars(opts), "nodes": 3}))
+
+
+def test_a_published_model_is_named_once_and_read_like_a_stage(tmp_path):
+    from cherry_megatron.recipe import stages as kinds
+
+    stages = load_recipe("recipes/cherry-smollm2.yaml")
+    by = {s.name: s for s in stages}
+    assert by["compressed"].references() == [] and by["uptrain"].references() == ["compressed"]
+    assert by["uptrain"].settings()["models"] == {"smollm2": "data/models/smollm2-135m"}
+    (cmd,) = kinds.commands(by["compressed"], tmp_path)
+    assert cmd[cmd.index("--load") + 1] == "data/models/smollm2-135m"
+    (cmd,) = kinds.commands(by["uptrain"], tmp_path)
+    assert 'distill.teacher="data/models/smollm2-135m"' in cmd and cmd[cmd.index("--config") + 1] == str(tmp_path / "compressed")
+    (cmd,) = kinds.commands(by["evaluate"], tmp_path)
+    assert cmd[cmd.index("--load") + 1:cmd.index("--load") + 3] == ["data/models/smollm2-135m", str(tmp_path / "compressed")]
+    assert [s.kind for s in stages].count("train") == 5  # uptrain, two branches, the MoEE, the single student
+    bad = _recipe(tmp_path, "models: {dense: data/models/smollm2-135m}\nstages:\n" + GOOD.replace("\n", "\n  "))
+    with pytest.raises(ConfigError, match="stage 'dense' has the name of a published model"):
+        load_recipe(bad)

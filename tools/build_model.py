@@ -28,7 +28,9 @@ NAME = "smollm2-135m"
 SPLITS = {"train": ("train.jsonl", "en,code"), "heldout": ("heldout.jsonl", "en,code"),
           "heldout_en": ("heldout.jsonl", "en"), "heldout_code": ("heldout.jsonl", "code"),
           # Korean in the teacher's own tokenizer: what continued pretraining adapts it to (reports/sgt_adapt.md)
-          "train_ko": ("train.jsonl", "ko"), "heldout_ko": ("heldout.jsonl", "ko")}
+          "train_ko": ("train.jsonl", "ko"), "heldout_ko": ("heldout.jsonl", "ko"),
+          # English prose and code apart: the two branches of recipes/cherry-smollm2.yaml
+          "train_en": ("train.jsonl", "en"), "train_code": ("train.jsonl", "code")}
 
 
 def sha256(path: Path) -> str:

@@ -16,7 +16,14 @@
       args: {data: data/tokens/heldout_text_document, max-tokens: 4096}
 
 Any string value "@name" stands for DIR/name. A stage may name only stages before it: that rules out
-cycles, and the order in the file is the order they run in. `--set KEY=VALUE` applies to every train stage
+cycles, and the order in the file is the order they run in. A published model the recipe starts from is
+named once, in a mapping beside the stages, and then used like a stage's output (`from: smollm2`, `init:
+"@smollm2"`, `distill.teacher: "@smollm2"`):
+
+    name: cherry-smollm2
+    models: {smollm2: data/models/smollm2-135m}
+    stages: [...]
+ `--set KEY=VALUE` applies to every train stage
 (a config key); `--set STAGE:KEY=VALUE` to that stage alone (a config key of a train stage, an option of a
 tool stage).
 """
@@ -46,9 +53,10 @@ class Stage:
     nproc: int = 1
     inputs: list[str] = field(default_factory=list)  # `from`, in order
     args: dict = field(default_factory=dict)
+    models: dict = field(default_factory=dict)  # the recipe's published models: {name: path}, every stage's
 
-    def references(self) -> list[str]:
-        """Every stage this one reads: its `from` and every "@name" among its values."""
+    def names(self) -> list[str]:
+        """Every name this stage reads, stage or published model: its `from` and every "@name" among its values."""
         refs = list(self.inputs)
         for value in [self.config, self.init, *self.set.values(), *self.args.values()]:
             for v in value if isinstance(value, list) else [value]:
@@ -56,13 +64,18 @@ class Stage:
                     refs.append(v[1:])
         return refs
 
+    def references(self) -> list[str]:
+        """The stages this one reads (what must be finished before it runs)."""
+        return [r for r in self.names() if r not in self.models]
+
     def settings(self) -> dict:
         """What defines the stage's output: compared with a finished stage's before it is skipped (with
         the content of a YAML file `config` names, so an edited file counts as a change)."""
         path = Path(self.config)
         content = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if self.config and path.is_file() else ""
-        return {"kind": self.kind, "config_sha256": content, "config": self.config, "init": self.init, "set": self.set, "nproc": self.nproc,
-                "from": self.inputs, "args": self.args}
+        used = {r: self.models[r] for r in self.names() if r in self.models}
+        return {"kind": self.kind, "config_sha256": content, "config": self.config, "init": self.init, "set": self.set,
+                "nproc": self.nproc, "from": self.inputs, "args": self.args, **({"models": used} if used else {})}
 
 
 def _parse_value(raw: str, where: str):
@@ -84,7 +97,14 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> list[Stage]:
     items = data.get("stages") if isinstance(data, dict) else data
     if not isinstance(items, list) or not items:
         raise ConfigError(f"recipe {path}: expected a list of stages (or a mapping with `stages:`)")
+    models = data.get("models", {}) if isinstance(data, dict) else {}
+    if not isinstance(models, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in models.items()):
+        raise ConfigError(f"recipe {path}: `models` maps names to model paths")
     stages = [_stage(item, i, path) for i, item in enumerate(items)]
+    for s in stages:
+        if s.name in models:
+            raise ConfigError(f"stage '{s.name}' has the name of a published model of the recipe ({models[s.name]})")
+        s.models = dict(models)
     _apply_overrides(stages, overrides)
     check(stages)
     return stages
@@ -142,7 +162,9 @@ def check(stages: list[Stage]) -> None:
     for s in stages:
         if s.name in seen:
             raise ConfigError(f"two stages are named '{s.name}'")
-        for ref in s.references():
+        for ref in s.names():
+            if ref in s.models:
+                continue
             if ref == s.name:
                 raise ConfigError(f"stage '{s.name}' uses itself: a cycle")
             if ref not in names:
@@ -171,7 +193,7 @@ def _check_fields(s: Stage, earlier: dict[str, Stage]) -> None:
             raise ConfigError(f"stage '{s.name}' (train) needs `config` (a preset or YAML file) or `init` (@stage)")
         if s.init and not s.init.startswith("@"):
             raise ConfigError(f"stage '{s.name}': init names an earlier stage as @name, got '{s.init}'")
-        if s.init and earlier[s.init[1:]].kind in ("evaluate",):
+        if s.init and s.init[1:] in earlier and earlier[s.init[1:]].kind in ("evaluate",):
             raise ConfigError(f"stage '{s.name}' starts from '{s.init[1:]}', an evaluate stage that holds no model")
         if s.inputs:
             raise ConfigError(f"stage '{s.name}' (train) takes no `from`: name the model it starts from as init: @stage")
@@ -188,7 +210,9 @@ def _check_fields(s: Stage, earlier: dict[str, Stage]) -> None:
     for key in required:
         if key not in s.args:
             raise ConfigError(f"stage '{s.name}' ({s.kind}) needs args: {{{key}: ...}}")
-    for name in s.inputs:
+    for name in s.references():
+        if name not in s.inputs:
+            continue
         if earlier[name].kind == "evaluate" or (s.kind in ("compress", "prune") and earlier[name].kind == "convert"):
             raise ConfigError(f"stage '{s.name}' ({s.kind}) reads '{name}', a {earlier[name].kind} stage that holds "
                               "no model it can read")

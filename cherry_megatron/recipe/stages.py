@@ -14,19 +14,20 @@ TOOLS = {"compress": "cherry_megatron.cli.compress", "prune": "cherry_megatron.c
          "evaluate": "cherry_megatron.evaluate"}
 
 
-def resolve(value, run_dir: Path):
-    """"@name" -> that stage's model dir (lists elementwise); anything else as given."""
+def resolve(value, run_dir: Path, models: dict | None = None):
+    """"@name" -> that stage's model dir, or the published model's path (lists elementwise); anything else
+    as given."""
     if isinstance(value, list):
-        return [resolve(v, run_dir) for v in value]
+        return [resolve(v, run_dir, models) for v in value]
     if isinstance(value, str) and value.startswith("@"):
-        return str(model_dir_of(value[1:], run_dir))
+        return str(model_dir_of(value[1:], run_dir, models))
     return value
 
 
-def _options(args: dict, run_dir: Path) -> list[str]:
+def _options(args: dict, run_dir: Path, models: dict) -> list[str]:
     out = []
     for key, value in args.items():
-        value = resolve(value, run_dir)
+        value = resolve(value, run_dir, models)
         if value is True:
             out.append(f"--{key}")
         elif value is not False and value is not None:
@@ -41,7 +42,7 @@ def commands(stage: Stage, run_dir: Path, launch: tuple[str, int] | None = None)
     out, py = run_dir / stage.name, sys.executable
     if stage.kind == "train":
         config = train_config(stage, run_dir)
-        sets = [f"{k}={json.dumps(resolve(v, run_dir))}" for k, v in stage.set.items()]
+        sets = [f"{k}={json.dumps(resolve(v, run_dir, stage.models))}" for k, v in stage.set.items()]
         train = ["-m", "cherry_megatron.train", "--config", str(config), "--run-dir", str(out),
                  *(["--set", *sets] if sets else [])]
         if launch:
@@ -53,17 +54,17 @@ def commands(stage: Stage, run_dir: Path, launch: tuple[str, int] | None = None)
             return [[py, *train]]
         return [[py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={stage.nproc}", *train]]
     tool = [py, "-m", TOOLS[stage.kind]]
-    inputs = [str(model_dir_of(name, run_dir)) for name in stage.inputs]
+    inputs = [str(model_dir_of(name, run_dir, stage.models)) for name in stage.inputs]
     if stage.kind in ("compress", "prune"):
-        return [[*tool, "--load", inputs[0], "--output", str(out), *_options(stage.args, run_dir)]]
+        return [[*tool, "--load", inputs[0], "--output", str(out), *_options(stage.args, run_dir, stage.models)]]
     if stage.kind == "fuse":
-        return [[*tool, "--experts", *inputs, "--output", str(out), *_options(stage.args, run_dir)]]
+        return [[*tool, "--experts", *inputs, "--output", str(out), *_options(stage.args, run_dir, stage.models)]]
     if stage.kind == "convert":
         fmt = stage.args.get("input-format", "deepspeed")
         rest = {k: v for k, v in stage.args.items() if k != "input-format"}
         return [[*tool, "--input", inputs[0], "--input-format", fmt, "--output", str(out / "model"),
-                 *_options(rest, run_dir)]]
-    return [[*tool, "--load", *inputs, *_options(stage.args, run_dir)]]  # evaluate: one line per input
+                 *_options(rest, run_dir, stage.models)]]
+    return [[*tool, "--load", *inputs, *_options(stage.args, run_dir, stage.models)]]  # evaluate: one line per input
 
 
 ARCHITECTURE = ("name", "model", "recurrent", "moee")
@@ -75,7 +76,7 @@ def train_config(stage: Stage, run_dir: Path) -> str:
     parallel, sgt, ...), so a stage starting from a compressed model keeps the preset's training settings."""
     if not stage.init:
         return stage.config
-    init = str(model_dir_of(stage.init[1:], run_dir))
+    init = str(model_dir_of(stage.init[1:], run_dir, stage.models))
     if not stage.config:
         return init
     import yaml
@@ -88,8 +89,11 @@ def train_config(stage: Stage, run_dir: Path) -> str:
     return str(path)
 
 
-def model_dir_of(name: str, run_dir: Path) -> Path:
-    """An earlier stage's model: its dir, or the converted model inside a convert stage's."""
+def model_dir_of(name: str, run_dir: Path, models: dict | None = None) -> Path:
+    """An earlier stage's model: its dir, or the converted model inside a convert stage's; or a published
+    model of the recipe (`models:`)."""
+    if models and name in models:
+        return Path(models[name])
     converted = run_dir / name / "model"
     return converted if converted.is_dir() else run_dir / name
 
