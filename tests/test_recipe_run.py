@@ -81,3 +81,40 @@ def test_a_run_killed_inside_uptrain_resumes_to_the_uninterrupted_figures(tiny_r
     for name in STAGES:  # evaluate's is a {model: loss} mapping
         assert got[name] == pytest.approx(want[name], rel=1e-6), name
 
+
+
+def test_a_term_to_the_runner_alone_checkpoints_the_running_stage_and_leaves_no_orphan(corpus, tmp_path):
+    """`kill PID` of the runner (not its group): the trainer gets TERM (faults.Preemption), checkpoints the step
+    it is in and exits; the runner fails with one error line; the next run resumes the stage there."""
+    import subprocess
+    import sys
+
+    from cherry_megatron.distributed import child_env
+    from conftest import ROOT, SHORT_RUN
+
+    recipe = tmp_path / "one.yaml"
+    recipe.write_text("- name: dense\n  kind: train\n  config: tiny\n")
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "cherry_megatron.recipe", "run", "--recipe", str(recipe), "--run-dir", str(run_dir),
+           "--set", *SHORT_RUN]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env({"OMP_NUM_THREADS": "1", FAULT_ENV: "pause@4"}),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log = run_dir / "dense.log"
+    deadline = time.monotonic() + 300
+    try:
+        while "fault injected: pause at step 4" not in (log.read_text() if log.exists() else ""):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and len(errors) == 1 and "stage 'dense' failed" in errors[0], err[-3000:]
+    assert (run_dir / "dense" / "checkpoints" / "latest").read_text().strip() == "global_step4"
+    assert subprocess.run(["pgrep", "-f", str(run_dir / "dense")], capture_output=True).stdout == b""  # no orphan
+    again = subprocess.run(cmd, cwd=ROOT, env=child_env({"OMP_NUM_THREADS": "1"}), capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "start_step=4" in log.read_text() and json.loads(again.stdout.splitlines()[-1])["stages"]["dense"]["status"] == "done"
