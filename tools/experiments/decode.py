@@ -53,6 +53,52 @@ def bench(load: str, specs: list[str], args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def agreement(load: str, depths: list[int], tokens: int = 1024) -> dict:
+    """Teacher-forced: the share of the first `tokens` held-out positions where the head read after depth D
+    picks the full-depth greedy token (what bounds a D-unit drafter's acceptance), and the full depth's
+    top-1 accuracy. In a child process (this one holds no torch world)."""
+    code = (f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); from tools.experiments.decode import _agreement; "
+            f"print(json.dumps(_agreement({load!r}, {depths!r}, {tokens})))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"agreement on {load} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _agreement(load: str, depths: list[int], tokens: int) -> dict:
+    import contextlib
+
+    import numpy as np
+    import torch
+
+    from cherry_megatron import distributed
+    from cherry_megatron.config import ParallelConfig
+    from cherry_megatron.convert.load import load_model
+    from cherry_megatron.data.indexed import token_stream
+    from cherry_megatron.generate.cache import full_logits
+
+    with contextlib.redirect_stdout(sys.stderr):
+        distributed.init(ParallelConfig(tp=1))
+        try:
+            model, cfg = load_model(load)
+            model.eval()
+            ids = torch.tensor(np.asarray(token_stream(f"{TOKENS}/heldout_text_document")[:tokens + 1], dtype=np.int64))
+            picks, seq = {}, cfg.train.seq_length
+            with torch.no_grad():
+                for d in [*depths, None]:
+                    out = []
+                    for i in range(0, tokens, seq):
+                        x = model.embed(ids[None, i:min(i + seq, tokens)])
+                        out.append(full_logits(model, model.unroll(x, model.context(x), end=d), cfg.model.vocab_size)
+                                   .argmax(-1)[0])
+                    picks[d] = torch.cat(out)
+        finally:
+            distributed.shutdown()
+    full = picks.pop(None)
+    return {"tokens": tokens, "full_accuracy": round(float((full == ids[1:tokens + 1]).float().mean()), 4),
+            **{f"agreement_d{d}": round(float((p == full).float().mean()), 4) for d, p in picks.items()}}
+
+
 def prepare(name: str, runs: Path, args) -> str:
     """The model dir or run dir to benchmark, trained first where the model needs it."""
     if name == "smollm2":
@@ -95,6 +141,16 @@ def report(results: dict, args, commands: list[str]) -> str:
                 lines.append(f"| {name} | {k[6:].replace('_k', ':')} | {v['tokens_per_s']:.1f} | "
                              f"{v['ratio_speculative']:.2f}x | {v['acceptance']:.2f} | {v['tokens_per_round']:.2f} | "
                              f"{v['unit_passes_per_token']:.1f} (full {r['depth']}) |")
+    lines += ["", "How good the drafters are, teacher-forced on the first 1,024 held-out tokens: the share of positions "
+              "where the head read after D units picks the full-depth greedy token (a D-unit drafter's first token is "
+              "accepted that often), and the full depth's top-1 accuracy:", "",
+              "| model | full-depth accuracy | " + " | ".join(f"D={d}" for d in (4, 8, 10, 15, 20)) + " |",
+              "|---|---:|" + "---:|" * 5]
+    for name, r in results.items():
+        e = r.get("exits", {})
+        lines.append(f"| {name} | {e.get('full_accuracy', float('nan')):.3f} | " +
+                     " | ".join(f"{e[f'agreement_d{d}']:.3f}" if f"agreement_d{d}" in e else "-" for d in (4, 8, 10, 15, 20))
+                     + " |")
     dw = {n: r["depthwise"] for n, r in results.items() if "depthwise" in r}
     if dw:
         lines += ["", f"Depth-wise batching ({args.rows} requests in {args.rows} rows, exits by confidence, "
@@ -173,6 +229,9 @@ def main() -> None:
               f"new={args.new_tokens} repeats={args.repeats} rows={args.rows} specs={specs}"
         results[name] = recorded(out / "records" / "decode" / f"{name}.json", key,
                                  lambda name=name, specs=specs: bench(prepare(name, runs, args), specs, args))
+        depths = sorted({int(s.split(":")[0]) for s in specs})
+        results[name]["exits"] = recorded(out / "records" / "decode" / f"{name}-agreement.json", f"{key} agreement",
+                                          lambda name=name, depths=depths: agreement(prepare(name, runs, args), depths))
     if args.only:
         return
     plot(results, out / "decode.png")
