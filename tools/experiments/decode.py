@@ -164,6 +164,7 @@ def report(results: dict, args, commands: list[str]) -> str:
                 if isinstance(v, dict) and "ratio_depthwise" in v:
                     lines.append(f"| {name} | depth-wise {k} | {v['tokens_per_s']:.1f} | {v['ratio_depthwise']:.2f}x | "
                                  f"{v['mean_depth']:.1f} | {v['exits']} | {v['agreement']:.0%} | {v['heldout_loss']:.4f} |")
+    lines += findings(results, args)
     lines += ["", "## Definitions", "",
               "- caching: cached decoding against re-running the whole prefix per token at full depth.",
               "- speculative D:K: the first D layer units and the shared head draft K tokens, the remaining units "
@@ -175,6 +176,43 @@ def report(results: dict, args, commands: list[str]) -> str:
               "continuations.",
               *reproduce(commands, "decode.png", "decoding speed against cached full depth")]
     return "\n".join(lines) + "\n"
+
+
+def findings(results: dict, args) -> list[str]:
+    """The report's reading of its own figures (numbers from the records, nothing typed in)."""
+    out = ["", "## What it shows", ""]
+    caching = [r["ratio_caching"] for r in results.values() if "ratio_caching" in r]
+    out.append(f"- KV caching pays: {min(caching):.2f}x-{max(caching):.2f}x over re-running the prefix per token "
+               f"({args.new_tokens} new tokens after 64).")
+    best = max(((v["ratio_speculative"], n, k[6:].replace("_k", ":"), v) for n, r in results.items()
+                for k, v in r.items() if k.startswith("spec_")), key=lambda t: t[0])
+    agree = {n: max((v for k, v in r.get("exits", {}).items() if k.startswith("agreement_")), default=float("nan"))
+             for n, r in results.items()}
+    out.append(f"- Self-speculative decoding does not pay here: the best is {best[0]:.2f}x ({best[1]}, D:K {best[2]}, "
+               f"acceptance {best[3]['acceptance']:.2f}); the output is the greedy one every time. Drafts are "
+               "accepted only as often as the exit agrees with the full depth, and the best exits agree on "
+               + ", ".join(f"{n} {a:.0%}" for n, a in agree.items()) + " of held-out positions (teacher-forced). A "
+               "round costs K drafts of D/L of a pass plus one verification pass, so at D:K 8:2 on 30 layers it "
+               "needs about 1.5 tokens a round to break even and 3 (every draft accepted) for 2x: exits that "
+               "agree 80-90% of the time, which LayerSkip gets from early-exit losses and layer dropout over "
+               "continued pretraining, not from the " + str(args.steps) + " steps of exit training here "
+               "(agreement after them: +" + ", +".join(
+                   f"{results['smollm2-exits']['exits'][k] - results['smollm2']['exits'].get(k, 0):.0%} at {k[11:]}"
+                   for k in results.get("smollm2-exits", {}).get("exits", {}) if k.startswith("agreement_d")
+                   and "smollm2" in results) + ").")
+    dw = results.get("cherry-exits", {}).get("depthwise")
+    if dw:
+        ex = results["cherry-exits"].get("exits", {})
+        out.append(f"- Depth-wise batching could not be tested as a speed-up: the compressed student after {args.steps} "
+                   f"steps is not yet a language model (full-depth top-1 accuracy {ex.get('full_accuracy', 0):.1%}, "
+                   f"teacher-forced held-out loss {dw['full_depth_heldout_loss']:.2f}; reports/shrink.md's students "
+                   "needed 50 steps to reach about 7), so no row was ever confident at an exit and every token ran all "
+                   f"30 positions. What it does show is the schedule's own cost: with exits off it runs at "
+                   f"{dw['no_exit']['ratio_depthwise']:.2f}x of sequence-wise batching on the same kernels, with the "
+                   "same tokens.")
+    for note in args.note:
+        out.append(f"- Note: {note}")
+    return out
 
 
 def plot(results: dict, path: Path) -> None:
@@ -216,6 +254,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--rows", type=int, default=16)
     p.add_argument("--only", nargs="+", default=[])
+    p.add_argument("--note", action="append", default=[], help="a line the report adds under its findings")
     p.add_argument("--runs", default="runs/experiments/decode")
     p.add_argument("--out", default="reports")
     args = p.parse_args()
