@@ -136,23 +136,29 @@ def release_requeued(cluster, job: str) -> None:
 
 def test_the_recipe_as_a_chain_of_jobs_matches_the_local_run_and_a_preempted_stage_alone_requeues(
         cluster, tiny_recipe, tmp_path):
-    """recipes/cherry-tiny.yaml with --slurm: one job per stage on the two nodes (dense and moee-train at
-    world 2 over both, the rest one task), each afterok on the stages it reads. A USR1 to the uptrain job
-    while it trains (step 3 waits for it, faults.stall): uptrain checkpoints and requeues; no other stage
-    runs twice; the stage table equals the local run's."""
+    """recipes/cherry-tiny.yaml with --slurm: one job per stage that has to run on the two nodes (moee-train at
+    world 2 over both, the rest one task), each afterok on the stages it reads; dense and compressed are the
+    local run's, finished (skipped: CI time). A USR1 to the uptrain job while it trains (step 3 waits for
+    it, faults.stall): uptrain checkpoints and requeues; no other stage runs twice; the stage table equals
+    the local run's."""
+    import shutil
+
     run_dir = tmp_path / "chain"
+    for name in ("dense", "compressed"):
+        shutil.copytree(tiny_recipe[0] / name, run_dir / name)
     env = {"SLURM_CONF": str(cluster.conf), FAULT_ENV: "pause@3"}
     proc = run_recipe(run_dir, "--slurm", "--nodes", "2", "--gpus-per-node", "0", "--cpus-per-task", "1", env=env,
                       timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = json.loads(proc.stdout.strip().splitlines()[-1])["jobs"]
-    assert list(jobs) == list(tiny_recipe[1]) and json.loads((run_dir / "slurm" / "jobs.json").read_text()) == jobs
+    assert list(jobs) == list(tiny_recipe[1])[2:] and json.loads((run_dir / "slurm" / "jobs.json").read_text()) == jobs
+    assert "dense" not in jobs and "compressed" not in jobs  # finished: not submitted
     assert f"[branch-ko] submitted job {jobs['branch-ko']} after {jobs['uptrain']}" in proc.stderr
     log = run_dir / "uptrain.log"
     deadline = time.monotonic() + 600
     while "fault injected: pause at step 3" not in (log.read_text() if log.exists() else ""):
-        assert time.monotonic() < deadline and job_state(cluster, jobs["dense"])[0] != "FAILED", \
-            (run_dir / "dense.log").read_text()[-3000:] if (run_dir / "dense.log").exists() else "no dense.log"
+        assert time.monotonic() < deadline and job_state(cluster, jobs["uptrain"])[0] != "FAILED", \
+            log.read_text()[-3000:] if log.exists() else "no uptrain.log"
         time.sleep(0.3)
     cluster.run("scancel", "--signal=USR1", jobs["uptrain"])
     release_requeued(cluster, jobs["uptrain"])
@@ -165,7 +171,7 @@ def test_the_recipe_as_a_chain_of_jobs_matches_the_local_run_and_a_preempted_sta
     assert f"job {jobs['uptrain']} restart 1" in outs["uptrain"] and "start_step=3" in log.read_text()  # its preemption checkpoint
     for name, out in outs.items():  # every other stage ran once
         assert out.count(" restart ") == (2 if name == "uptrain" else 1), (name, out)
-    assert "world 2 = tp 2 x dp 1" in (run_dir / "dense.log").read_text()
+    assert "world 2 = tp 1 x dp 2" in (run_dir / "moee-train.log").read_text() and "on n[1-2]" in outs["moee-train"]
     final = run_recipe(run_dir, command="status")
     assert final.returncode == 0, final.stderr[-2000:]
     stages = json.loads(final.stdout.strip().splitlines()[-1])["stages"]
