@@ -139,7 +139,7 @@ def run_one(stages: list[Stage], run_dir: Path, name: str, launch: tuple[str, in
     stage = next((s for s in stages if s.name == name), None)
     if stage is None:
         raise ConfigError(f"--stage {name}: no stage named '{name}'")
-    missing = [r for r in dict.fromkeys(stage.references()) if marker(run_dir, next(s for s in stages if s.name == r)) is None]
+    missing = [r for r, mark in inputs_of(stage, run_dir).items() if not mark]  # no marker: not finished
     if missing:
         raise TrainingError(f"stage '{name}' reads '{missing[0]}', which is not finished")
     done = marker(run_dir, stage)
