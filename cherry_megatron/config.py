@@ -67,6 +67,7 @@ class ParallelConfig:
 class DataConfig:
     # Megatron-style blend: [prefix] or [weight, prefix, weight, prefix, ...]
     paths: list = field(default_factory=list)
+    blend_file: str = ""  # a language blend (tools/build_blend.py): sets `paths`, names the languages logged
     eval_path: str = ""  # held-out prefix, evaluated by `evaluate.window_loss`
     tokenizer_model: str = ""
     eod_mask_loss: bool = False

@@ -1,9 +1,12 @@
 """Held-out loss and perplexity of a checkpoint, by a rule any other tool can reproduce.
 
     python -m cherry_megatron.evaluate --load RUN_DIR_OR_CHECKPOINT [...] --data PREFIX [--seq-length S] [--max-tokens N]
+    python -m cherry_megatron.evaluate --load ... --data LANG=PREFIX [LANG=PREFIX ...] [...]
 
 One JSON line per model given, in order: {"loss", "ppl", "tokens"} (and "load" when more than one is given:
-several models in one process, as the recipe's evaluate stage does, pay the libraries' start-up once).
+several models in one process, as the recipe's evaluate stage does, pay the libraries' start-up once). With
+LANG=PREFIX data, each file is evaluated alone (--max-tokens applies to each) and the line is
+{"languages": {lang: {"loss", "tokens"}}, "loss": the token-weighted mean, "ppl", "tokens"}.
 
 The data file's token stream in stored order (documents concatenated as written, EOD included) is cut
 into windows tokens[k*S : k*S+S+1]: the first S are the input, the last S the targets. Windows are
@@ -75,7 +78,8 @@ def heldout_losses(models: list, data: str, max_tokens: int, seq_length: int = 0
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--load", required=True, nargs="+", help="run dir, its checkpoints/ dir, or a checkpoint tag dir")
-    p.add_argument("--data", required=True, help="prefix of a .bin/.idx pair")
+    p.add_argument("--data", required=True, nargs="+", metavar="[LANG=]PREFIX",
+                   help="prefix of a .bin/.idx pair, or several LANG=PREFIX for a loss per language")
     p.add_argument("--seq-length", type=int, default=0, help="default: the run's train.seq_length")
     p.add_argument("--max-tokens", type=int, default=0, help="tokens to predict; 0: the whole file")
     p.add_argument("--batch-size", type=int, default=8)
@@ -98,28 +102,52 @@ def _evaluate(args) -> list[dict] | None:
         from cherry_megatron.engine import compute_dtype
         from cherry_megatron.errors import CheckpointError
 
-        stream = token_stream(args.data)
+        data = _languages(args.data)
+        streams = {lang: token_stream(prefix) for lang, prefix in data.items()}
         distributed.set_threads(0)
         layout = distributed.init(ParallelConfig(tp=1))
         results = []
         try:  # an in-process caller (tests, tools) must find no world left behind, error or not
             for load in args.load:
                 model, cfg = load_model(load)
-                check_tokenizer(args.data, cfg.data.tokenizer_model, f"the model {load}")
-                if int(stream.max()) >= cfg.model.vocab_size:
-                    raise CheckpointError(f"{args.data} holds token id {int(stream.max())}, beyond the model's "
-                                          f"vocabulary {cfg.model.vocab_size}: data and checkpoint come from different "
-                                          "tokenizers")
                 dtype = compute_dtype(cfg.train.precision if args.precision == "train" else args.precision, layout.device)
-                loss, n = window_loss(model.to(device=layout.device, dtype=dtype), stream,
-                                      args.seq_length or cfg.train.seq_length, args.max_tokens, args.batch_size,
-                                      layout.device, layout.dp_rank, layout.dp, parallel_state.get_data_parallel_group())
+                model = model.to(device=layout.device, dtype=dtype)
+                per = {}
+                for lang, prefix in data.items():
+                    check_tokenizer(prefix, cfg.data.tokenizer_model, f"the model {load}")
+                    if int(streams[lang].max()) >= cfg.model.vocab_size:
+                        raise CheckpointError(f"{prefix} holds token id {int(streams[lang].max())}, beyond the model's "
+                                              f"vocabulary {cfg.model.vocab_size}: data and checkpoint come from "
+                                              "different tokenizers")
+                    loss, n = window_loss(model, streams[lang], args.seq_length or cfg.train.seq_length,
+                                          args.max_tokens, args.batch_size, layout.device, layout.dp_rank, layout.dp,
+                                          parallel_state.get_data_parallel_group())
+                    per[lang] = {"loss": loss, "tokens": n}
                 del model
-                results.append({"loss": loss, "ppl": float(np.exp(loss)), "tokens": n,
-                                **({"load": load} if len(args.load) > 1 else {})})
+                n = sum(r["tokens"] for r in per.values())
+                loss = sum(r["loss"] * r["tokens"] for r in per.values()) / n
+                results.append({**({"languages": per} if None not in data else {}), "loss": loss,
+                                "ppl": float(np.exp(loss)), "tokens": n, **({"load": load} if len(args.load) > 1 else {})})
         finally:
             distributed.shutdown()
         return results if layout.rank == 0 else None
+
+def _languages(items: list[str]) -> dict:
+    """{lang: prefix} of --data; {None: prefix} for one plain prefix."""
+    from cherry_megatron.errors import ConfigError
+
+    if len(items) == 1 and "=" not in items[0]:
+        return {None: items[0]}
+    out = {}
+    for item in items:
+        lang, sep, prefix = item.partition("=")
+        if not sep or not lang or not prefix:
+            raise ConfigError(f"--data '{item}': several data files need LANG=PREFIX each")
+        if lang in out:
+            raise ConfigError(f"--data: language '{lang}' is given twice")
+        out[lang] = prefix
+    return out
+
 
 if __name__ == "__main__":
     main()

@@ -102,6 +102,8 @@ def base_memory_gib(device: torch.device) -> float:
 
 
 def _fmt(key: str, value) -> str:
+    if isinstance(value, dict):
+        return f"{key} " + " ".join(_fmt(k, v).replace(" ", "=", 1) for k, v in value.items())
     if value is None or isinstance(value, int):
         return f"{key} {value}"
     if key == "mfu":
@@ -148,8 +150,10 @@ class MetricsLogger:
         self.file.flush()
         print(" | ".join(_fmt(k, v) for k, v in row.items()), flush=True)
         for k, v in values.items():
-            if isinstance(v, (int, float)) and v is not None:
-                self.tb.add_scalar(f"train/{k}" if not k.startswith("eval") else f"eval/{k}", v, step)
+            for name, x in (v.items() if isinstance(v, dict) else [("", v)]):  # {lang: value}: one scalar each
+                if isinstance(x, (int, float)):
+                    tag = f"{k}/{name}" if name else k
+                    self.tb.add_scalar(f"train/{tag}" if not k.startswith("eval") else f"eval/{tag}", x, step)
         self.tb.flush()
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ from cherry_megatron.checkpoint.run_dir import check_run_dir, checkpoint_dir, la
 from cherry_megatron.config import Config, load_config, validate
 from cherry_megatron.convert.load import checkpoint_layer
 from cherry_megatron.convert.universal import check_universal
+from cherry_megatron.data.blend import resolve as resolve_blend
 from cherry_megatron.data.indexed import check_tokenizer, open_indexed
 from cherry_megatron.data.tokenizer import load_tokenizer
 from cherry_megatron.errors import ConfigError
@@ -67,6 +68,7 @@ def preflight(config: str, overrides: list[str], run_dir: Path | None, world_siz
     """(resolved config, tokenizer, run dir) of a run about to start at `world_size` processes in `run_dir`
     (None: runs/<config name>)."""
     cfg = load_config(config, overrides, read_checkpoint=checkpoint_layer)
+    resolve_blend(cfg.data)
     run_dir = Path(run_dir) if run_dir else Path(f"runs/{cfg.name}")
     validate(cfg, world_size)
     tokenizer = load_tokenizer(cfg.data.tokenizer_model)

@@ -199,6 +199,12 @@ class Trainer:
             dist.all_reduce(x, op=dist.ReduceOp.MAX)
         return {"peak_memory_gib": x[0].item(), "base_memory_gib": x[1].item()}
 
+    def shares(self, step: int) -> dict:
+        """Per-language consumed tokens and epochs when the data is a blend of several (`data.blend_file`)."""
+        if len(self.data.shares.names) < 2 and not self.cfg.data.blend_file:
+            return {}
+        return self.data.shares.at(step * self.cfg.train.global_batch_size)
+
     def _dp_mean(self, x: torch.Tensor) -> float:
         x = x.detach().double().clone()
         if self.layout.dp > 1:
@@ -309,7 +315,7 @@ class Trainer:
             n, tps = window["steps"], window["steps"] * self.tokens_per_step / window["time"]
             self.metrics.log(step, loss=window["loss"] / n, lr=lr, grad_norm=grad_norm, tokens_per_s=tps,
                              mfu=tps * self.flops_per_token / self.peak, consumed_tokens=step * self.tokens_per_step,
-                             step_time_s=window["time"] / n, **self.memory(),
+                             step_time_s=window["time"] / n, **self.memory(), **self.shares(step),
                              **{k: self._dp_mean(v) / n for k, v in self.aux_sums.items()})
             self.aux_sums = {}
             summary.update(loss=window["loss"] / n, tokens_per_s=tps)

@@ -7,11 +7,13 @@ order, and runs with different DP/TP layouts see the same global batches.
 from __future__ import annotations
 
 import torch
+from megatron.core.datasets.blended_dataset import BlendedDataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.utils import get_blend_from_list
 
 from cherry_megatron.config import Config
+from cherry_megatron.data.blend import Shares, language_names
 
 
 class TrainData:
@@ -29,6 +31,10 @@ class TrainData:
         # Every rank builds (rank 0 first, writing the index cache; the builder synchronises).
         self.dataset, _, _ = BlendedMegatronDatasetBuilder(
             GPTDataset, [t.steps * self.gbs, 0, 0], lambda: True, gcfg).build()
+        blended = isinstance(self.dataset, BlendedDataset)
+        parts = self.dataset.datasets if blended else [self.dataset]
+        self.shares = Shares(language_names(cfg.data), self.dataset.dataset_index if blended else None,
+                             [int(d.dataset.sequence_lengths[d.indices].sum()) for d in parts], t.seq_length)
 
     def sample_index(self, step: int, micro: int) -> int:
         """Global index of the micro-batch's first sample: the same on all TP ranks, distinct across DP ranks."""

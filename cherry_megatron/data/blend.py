@@ -1,0 +1,158 @@
+"""Language blends: how many tokens of each language a run draws, by a stated rule.
+
+FuxiTranyu (arXiv 2408.06273) set its language shares by hand; these are the reproducible rules:
+  natural      p_l = n_l / sum n                      (the data as it is; high-resource languages dominate)
+  temperature  p_l = n_l^(1/T) / sum n^(1/T)           (mT5's T = 3.33; T = 1 is natural, T -> inf uniform)
+  unimax       UniMax (Chung et al. 2023, Algorithm 1): languages in increasing size, each given an equal
+               share of the budget still unallocated, capped at N epochs of its own data; the rest flows to
+               the larger languages. p_l = allocation_l / budget.
+`n_l` are token counts (the .idx's sequence lengths, EOD included). A blend file (YAML, written by
+tools/build_blend.py) holds each language's prefix and weight; `data.blend_file` expands it into megatron-core's
+weighted `data.paths` (its BlendedDataset draws samples to those weights deterministically).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from cherry_megatron.errors import ConfigError, DataError
+
+METHODS = ("unimax", "temperature", "natural")
+
+
+@dataclass
+class Blend:
+    weights: dict  # {lang: share of the sampled tokens}, summing to 1
+    tokens: dict  # {lang: tokens allocated from the budget}
+    epochs: dict  # {lang: allocated / its own tokens}
+
+
+def unimax(counts: dict, budget: float, max_epochs: float) -> dict:
+    """{lang: allocated tokens}: UniMax's allocation of `budget` tokens over `counts`, at most `max_epochs` each."""
+    if budget > max_epochs * sum(counts.values()) * (1 + 1e-12):
+        raise ConfigError(f"a budget of {budget:,.0f} tokens cannot be filled at {max_epochs:g} epochs of "
+                          f"{sum(counts.values()):,} tokens (at most {max_epochs * sum(counts.values()):,.0f}): "
+                          "raise --max-epochs or lower --budget")
+    out, left = {}, float(budget)
+    order = sorted(counts, key=lambda lang: (counts[lang], lang))
+    for i, lang in enumerate(order):
+        out[lang] = min(left / (len(order) - i), max_epochs * counts[lang])
+        left -= out[lang]
+    return {lang: out[lang] for lang in counts}
+
+
+def temperature_weights(counts: dict, temperature: float) -> dict:
+    # In log space: n^(1/T) of billions of tokens at T near 0 would overflow.
+    logs = np.array([np.log(counts[lang]) / temperature for lang in counts])
+    w = np.exp(logs - logs.max())
+    return dict(zip(counts, (w / w.sum()).tolist()))
+
+
+def allocate(counts: dict, method: str, budget: float = 0, max_epochs: float = 1.0,
+             temperature: float = 3.33) -> Blend:
+    """The blend of `method` over `counts` ({lang: tokens}); budget 0: one pass over all the data."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown blend method '{method}': one of {', '.join(METHODS)}")
+    if not counts:
+        raise ConfigError("a blend needs at least one language")
+    for lang, n in counts.items():
+        if n <= 0:
+            raise DataError(f"language '{lang}' has no tokens: nothing to blend")
+    if budget < 0 or max_epochs <= 0 or temperature <= 0:
+        raise ConfigError("--budget must be >= 0, --max-epochs and --temperature > 0")
+    budget = float(budget or sum(counts.values()))
+    if method == "unimax":
+        tokens = unimax(counts, budget, max_epochs)
+        weights = {lang: t / budget for lang, t in tokens.items()}
+    else:
+        weights = temperature_weights(counts, 1.0 if method == "natural" else temperature)
+        tokens = {lang: w * budget for lang, w in weights.items()}
+    return Blend(weights, tokens, {lang: tokens[lang] / counts[lang] for lang in counts})
+
+
+def token_count(prefix: str) -> int:
+    from cherry_megatron.data.indexed import token_stream
+
+    return len(token_stream(prefix))
+
+
+def write_blend(path: Path, blend: Blend, prefixes: dict, settings: dict) -> None:
+    from cherry_megatron.checkpoint.run_dir import atomic_write_text
+
+    doc = {**settings, "languages": {lang: {"prefix": str(prefixes[lang]), "weight": blend.weights[lang],
+                                            "tokens": round(blend.tokens[lang]), "epochs": blend.epochs[lang]}
+                                     for lang in blend.weights}}
+    atomic_write_text(Path(path), yaml.safe_dump(doc, sort_keys=False))
+
+
+def read_blend(path: str) -> dict:
+    """{lang: (weight, prefix)} of a blend file, checked."""
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read data.blend_file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"data.blend_file {path} is not YAML: {str(e).splitlines()[0]}") from None
+    langs = doc.get("languages") if isinstance(doc, dict) else None
+    if not isinstance(langs, dict) or not langs:
+        raise ConfigError(f"data.blend_file {path} has no 'languages' mapping (write it with tools/build_blend.py)")
+    out = {}
+    for lang, entry in langs.items():
+        if not isinstance(entry, dict) or "prefix" not in entry or "weight" not in entry:
+            raise ConfigError(f"data.blend_file {path}: language '{lang}' needs a prefix and a weight")
+        if not float(entry["weight"]) >= 0:
+            raise ConfigError(f"data.blend_file {path}: language '{lang}' has a negative weight")
+        out[str(lang)] = (float(entry["weight"]), str(entry["prefix"]))
+    return out
+
+
+def expand(blend_file: str) -> list:
+    """`data.paths` of a blend file: [w1, prefix1, w2, prefix2, ...] (languages of weight 0 left out; one
+    language: its prefix alone)."""
+    used = [(w, prefix) for w, prefix in read_blend(blend_file).values() if w > 0]
+    if not used:
+        raise ConfigError(f"data.blend_file {blend_file}: every weight is 0")
+    return [used[0][1]] if len(used) == 1 else [x for w, prefix in used for x in (str(w), prefix)]
+
+
+def resolve(data) -> None:
+    """Set `data.paths` from `data.blend_file` (a run's saved config holds both: they must agree)."""
+    if not data.blend_file:
+        return
+    paths = expand(data.blend_file)
+    if data.paths and [str(p) for p in data.paths] != paths:
+        raise ConfigError(f"data.paths and data.blend_file {data.blend_file} disagree: give one of them (the blend "
+                          "file sets data.paths)")
+    data.paths = paths
+
+
+def language_names(data) -> list[str]:
+    """One name per dataset of `data.paths`, in megatron's order: the blend file's languages, or each prefix's
+    file name (`train_ko_text_document` -> `train_ko`)."""
+    from megatron.core.datasets.utils import get_blend_from_list
+
+    if data.blend_file:
+        return [lang for lang, (w, _) in read_blend(data.blend_file).items() if w > 0]
+    prefixes = get_blend_from_list([str(p) for p in data.paths])[0]
+    return [re.sub(r"_text_document$", "", Path(p).name) for p in prefixes]
+
+
+class Shares:
+    """Realised per-language tokens and epochs of a run after `samples` global samples: the sampler reads sample
+    i at step i // global_batch (gpt_data.TrainData), so the count is exact on every rank without communication."""
+
+    def __init__(self, names: list[str], dataset_index: np.ndarray | None, epoch_tokens: list[int], seq_length: int):
+        self.names, self.index, self.epoch_tokens, self.seq = names, dataset_index, epoch_tokens, seq_length
+
+    def at(self, samples: int) -> dict:
+        if self.index is None:
+            counts = np.array([samples])
+        else:
+            counts = np.bincount(self.index[:samples], minlength=len(self.names))
+        tokens = {n: int(c) * self.seq for n, c in zip(self.names, counts)}
+        return {"lang_tokens": tokens,
+                "lang_epochs": {n: tokens[n] / t for n, t in zip(self.names, self.epoch_tokens)}}
