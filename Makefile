@@ -3,11 +3,12 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 VENV := .venv/.installed-$(shell cat requirements.txt pyproject.toml | cksum | cut -d' ' -f1)
 DATA := data/.built
+MULTI := data/multilingual/.built
 MODEL := data/models/.built
 export OMP_NUM_THREADS ?= 1
 export PYTHONWARNINGS ?= ignore
 
-.PHONY: setup data branches model test test-fast demo bench clean-data
+.PHONY: setup data multilingual branches model test test-fast demo bench clean-data
 
 setup: $(VENV)
 
@@ -20,7 +21,7 @@ $(VENV): requirements.txt pyproject.toml
 	.venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
-data: $(DATA)
+data: $(DATA) $(MULTI)
 
 $(DATA): $(VENV) tools/fetch_corpus.sh tools/build_corpus.py tools/corpus_sources.py cherry_megatron/cli/tokenizer.py cherry_megatron/cli/preprocess.py
 	bash tools/fetch_corpus.sh data/sources
@@ -29,6 +30,16 @@ $(DATA): $(VENV) tools/fetch_corpus.sh tools/build_corpus.py tools/corpus_source
 	$(PY) tools/train_tokenizer.py --input data/corpus/train.jsonl --vocab-size 8192 --model-prefix data/tokenizer/cherry_ko8k
 	$(PY) tools/preprocess_data.py --input data/corpus/train.jsonl --tokenizer-model data/tokenizer/cherry_ko8k.model --output-prefix data/tokens/train_text_document
 	$(PY) tools/preprocess_data.py --input data/corpus/heldout.jsonl --tokenizer-model data/tokenizer/cherry_ko8k.model --output-prefix data/tokens/heldout_text_document
+	touch $@
+
+# The multilingual corpus: 12 natural languages of very different sizes + code, one .bin/.idx per language and
+# split, in its own UniMax-balanced tokenizer (tools/build_multilingual.py); its sources go into data/SOURCES.md.
+multilingual: $(MULTI)
+
+$(MULTI): $(DATA) tools/build_multilingual.py
+	rm -rf data/multilingual
+	$(PY) tools/build_multilingual.py --sources data/sources --output data/multilingual --tokenize
+	cat data/corpus/SOURCES.md data/multilingual/SOURCES.md > data/SOURCES.md
 	touch $@
 
 # Per-language splits of the shipped corpus in its tokenizer: the recipe's branches (recipes/cherry-tiny.yaml).
@@ -49,10 +60,10 @@ $(MODEL): $(DATA) tools/build_model.py cherry_megatron/convert/gguf_import.py ch
 	$(PY) tools/build_model.py --data data
 	touch $@
 
-test: $(DATA) $(BRANCHES) $(MODEL)
+test: $(DATA) $(MULTI) $(BRANCHES) $(MODEL)
 	$(PY) -m pytest -q -rs --timeout 900 tests
 
-test-fast: $(DATA) $(BRANCHES) $(MODEL)
+test-fast: $(DATA) $(MULTI) $(BRANCHES) $(MODEL)
 	$(PY) -m pytest -q -m "not slow" tests
 
 demo: $(DATA) $(BRANCHES)

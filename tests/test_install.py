@@ -16,7 +16,8 @@ from conftest import ROOT
 
 SCRIPTS = ["cherry-train-tokenizer", "cherry-preprocess", "cherry-plan", "cherry-train", "cherry-submit",
            "cherry-evaluate", "cherry-compress", "cherry-prune", "cherry-build-moee", "cherry-generate",
-           "cherry-convert", "cherry-build-blend"]
+           "cherry-convert", "cherry-build-blend",
+           "cherry-tokenizer-report"]
 PACKAGE_DATA = ["configs/tiny.yaml", "configs/dense-1b-48l.yaml", "ds_configs/zero0.json", "ds_configs/zero1.json",
                 "ds_configs/zero2.json", "ds_configs/zero3.json", "ds_configs/zero3_offload.json",
                 "launch/train.sbatch"]
