@@ -36,7 +36,7 @@ $(DATA): $(VENV) tools/fetch_corpus.sh tools/build_corpus.py tools/corpus_source
 # split, in its own UniMax-balanced tokenizer (tools/build_multilingual.py); its sources go into data/SOURCES.md.
 multilingual: $(MULTI)
 
-$(MULTI): $(DATA) tools/build_multilingual.py
+$(MULTI): $(DATA) tools/build_multilingual.py cherry_megatron/data/blend.py
 	rm -rf data/multilingual
 	$(PY) tools/build_multilingual.py --sources data/sources --output data/multilingual --tokenize
 	cat data/corpus/SOURCES.md data/multilingual/SOURCES.md > data/SOURCES.md

@@ -125,7 +125,7 @@ def _evaluate(args) -> list[dict] | None:
                     per[lang] = {"loss": loss, "tokens": n}
                 del model
                 n = sum(r["tokens"] for r in per.values())
-                loss = sum(r["loss"] * r["tokens"] for r in per.values()) / n
+                loss = sum(r["loss"] * r["tokens"] for r in per.values()) / n if n else float("nan")
                 results.append({**({"languages": per} if None not in data else {}), "loss": loss,
                                 "ppl": float(np.exp(loss)), "tokens": n, **({"load": load} if len(args.load) > 1 else {})})
         finally:

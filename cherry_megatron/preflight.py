@@ -12,7 +12,7 @@ from cherry_megatron.checkpoint.run_dir import check_run_dir, checkpoint_dir, la
 from cherry_megatron.config import Config, load_config, validate
 from cherry_megatron.convert.load import checkpoint_layer
 from cherry_megatron.convert.universal import check_universal
-from cherry_megatron.data.blend import resolve as resolve_blend
+from cherry_megatron.data.blend import check_caps, resolve as resolve_blend
 from cherry_megatron.data.indexed import check_tokenizer, open_indexed
 from cherry_megatron.data.tokenizer import load_tokenizer
 from cherry_megatron.errors import ConfigError
@@ -75,6 +75,7 @@ def preflight(config: str, overrides: list[str], run_dir: Path | None, world_siz
     resolve_vocab(cfg, tokenizer.vocab_size)
     check_memory(cfg, world_size)
     check_data(cfg)
+    check_caps(cfg.data, cfg.train.steps * cfg.train.global_batch_size * cfg.train.seq_length, cfg.train.seq_length)
     check_run_dir(run_dir, cfg)
     if cfg.train.universal_from and latest_tag(checkpoint_dir(run_dir)) is None:
         check_universal(Path(cfg.train.universal_from), cfg)

@@ -201,7 +201,7 @@ class Trainer:
 
     def shares(self, step: int) -> dict:
         """Per-language consumed tokens and epochs when the data is a blend of several (`data.blend_file`)."""
-        if len(self.data.shares.names) < 2 and not self.cfg.data.blend_file:
+        if not self.metrics.enabled or (len(self.data.shares.names) < 2 and not self.cfg.data.blend_file):
             return {}
         return self.data.shares.at(step * self.cfg.train.global_batch_size)
 

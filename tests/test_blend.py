@@ -82,9 +82,11 @@ def test_build_blend_writes_the_table_json_and_a_blend_file(tmp_path):
     (["--inputs", "a=/nonexistent/prefix", "--method", "natural", "--output", "OUT"], "missing data file"),
     (["--inputs", f"a={PREFIXES['ko']}", "--method", "unimax", "--budget", "1e9", "--output", "OUT"],
      "cannot be filled"),
-    (["--counts", "a=0", "b=3", "--method", "natural"], "no tokens"),
+    (["--counts", "a=0", "b=3", "--method", "natural"], "positive, finite count"),
     (["--counts", "a=5", "--method", "natural", "--output", "OUT"], "--output needs --inputs"),
     (["--counts", "a5", "--method", "natural"], "is not LANG=TOKENS"),
+    (["--counts", "a=inf", "--method", "natural"], "--counts"),
+    (["--counts", "a=5", "--method", "unimax", "--budget", "nan"], "finite"),
 ])
 def test_bad_blends_are_one_error_and_write_nothing(tmp_path, args, message):
     proc = _cli([str(tmp_path / "b.yaml") if a == "OUT" else a for a in args], tmp_path)
@@ -92,17 +94,20 @@ def test_bad_blends_are_one_error_and_write_nothing(tmp_path, args, message):
     assert not list(tmp_path.iterdir())
 
 
+N_SAMPLES, SEQ = 100_000, 16  # the long sample: 1.6M tokens, the budget of the blend below
+
+
 @pytest.fixture(scope="module")
 def blend_file(tmp_path_factory):
-    """A UniMax blend of the shipped corpus's Korean, English+code and (as a small language) held-out files,
-    budgeted so that the small one is capped at 2 epochs."""
+    """A UniMax blend of the shipped corpus's Korean, English+code and (as a small language) held-out files for
+    a budget of N_SAMPLES x SEQ tokens, with the small one capped at 2 epochs."""
     from cherry_megatron.data.blend import token_count, write_blend
 
     counts = {k: token_count(str(v)) for k, v in PREFIXES.items()}
     path = tmp_path_factory.mktemp("blend") / "blend.yaml"
-    blend = allocate(counts, "unimax", budget=1.5 * sum(counts.values()), max_epochs=2)
+    blend = allocate(counts, "unimax", budget=N_SAMPLES * SEQ, max_epochs=2)
     assert blend.epochs["small"] == pytest.approx(2) and blend.epochs["ko"] < 2
-    write_blend(path, blend, PREFIXES, {"method": "unimax"})
+    write_blend(path, blend, PREFIXES, {"method": "unimax", "budget": N_SAMPLES * SEQ, "max_epochs": 2})
     return path, counts, blend
 
 
@@ -113,7 +118,7 @@ def test_the_realised_shares_of_a_long_sample_match_the_weights_within_the_caps(
     from cherry_megatron.data.tokenizer import load_tokenizer
 
     path, counts, blend = blend_file
-    n_samples, seq = 100_000, 16  # 1.6M tokens: the budget of the blend (1.5 epochs of 1.35M)
+    n_samples, seq = N_SAMPLES, SEQ
     cfg = load_config("tiny", ["train.seq_length=16", "train.global_batch_size=1000", "train.micro_batch_size=1000",
                                "train.steps=100", f"data.blend_file={path}"])
     cfg.data.paths = []
@@ -127,9 +132,10 @@ def test_the_realised_shares_of_a_long_sample_match_the_weights_within_the_caps(
         share = shares["lang_tokens"][lang] / total
         assert abs(share - w) <= 4 * math.sqrt(w * (1 - w) / n_samples), (lang, share, w)
         assert shares["lang_epochs"][lang] == pytest.approx(shares["lang_tokens"][lang] / counts[lang], rel=0.01)
-    # The 2-epoch cap of the small language: the budget here is 1.6M tokens against the blend's 2.03M, so it
-    # realises at most 2 x 1.6/2.03 epochs; in every case no more than the cap.
+    # The whole budget drawn: the capped language has been read twice, to within one sample, and not more.
+    assert shares["lang_epochs"]["small"] == pytest.approx(2, abs=2 * seq / counts["small"])
     assert shares["lang_epochs"]["small"] <= 2 + 2 * seq / counts["small"]
+    assert all(shares["lang_epochs"][k] < 2 for k in ("ko", "en"))
     # The dataset ids megatron's BlendedDataset reports per sample are what the count is made of.
     ids = np.array([data.dataset[i]["dataset_id"] for i in range(0, 2000)])
     assert np.array_equal(ids, data.dataset.dataset_index[:2000])
@@ -161,11 +167,41 @@ def test_the_trainer_logs_the_shares_it_draws(blend_file, tmp_path):
     assert "blend_file" in config and str(PREFIXES["small"]) in config
 
 
-def test_blend_file_and_paths_that_disagree_are_one_error(blend_file, tmp_path):
+def test_a_blend_run_resumes_with_its_counts(blend_file, tmp_path):
     path, _, _ = blend_file
-    proc = train(tmp_path / "run", [f"data.blend_file={path}"], check=False)  # the tiny config's own data.paths
-    assert proc.returncode != 0 and "disagree" in error_lines(proc)[0], proc.stderr
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    train(whole, ["data.paths=[]", f"data.blend_file={path}"])
+    train(part, ["data.paths=[]", f"data.blend_file={path}", "train.exit_at_step=3"])
+    proc = run_cli(["-m", "cherry_megatron.train", "--config", str(part / "config.yaml"), "--run-dir", str(part),
+                    "--set", "train.exit_at_step=0"])
+    assert proc.returncode == 0, proc.stderr
+
+    def rows(run):
+        return {r["step"]: (r["lang_tokens"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").open())
+                if "lang_tokens" in r}
+    a, b = rows(whole), rows(part)
+    assert a.keys() == b.keys() and all(a[k][0] == b[k][0] and a[k][1] == pytest.approx(b[k][1], rel=1e-6) for k in a)
+
+
+@pytest.mark.parametrize("sets,message", [
+    ([], "disagree"),  # the tiny config's own data.paths
+    (["data.paths=[]", "train.steps=30000"], "past its blend's cap"),
+])
+def test_bad_blend_runs_are_one_error(blend_file, tmp_path, sets, message):
+    path, _, _ = blend_file
+    proc = train(tmp_path / "run", [f"data.blend_file={path}", *sets], check=False)
+    assert proc.returncode != 0 and message in error_lines(proc)[0], proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_language_names_stay_apart():
+    from types import SimpleNamespace
+
+    from cherry_megatron.data.blend import language_names
+
+    data = SimpleNamespace(blend_file="", paths=["0.5", "a/train_ko_text_document", "0.3", "b/train_ko_text_document",
+                                                 "0.2", "train_en_text_document"])
+    assert language_names(data) == ["train_ko.0", "train_ko.1", "train_en"]
 
 
 def test_per_language_evaluate_equals_each_file_alone(baseline):

@@ -106,4 +106,11 @@ def test_the_tokenizer_samples_each_language_by_the_blend_rule(tmp_path):
     bad = run_cli(["-m", "cherry_megatron.cli.tokenizer", "--input", str(data), "--vocab-size", "400",
                    "--model-prefix", str(tmp_path / "bad"), "--balance", "zipf"], timeout=300)
     assert bad.returncode != 0 and "unknown blend method" in error_lines(bad)[0]
-    assert not list(tmp_path.glob("bad*"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "tok.model", "tok.vocab"]
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "fine", "lang": "a"}\n{"lang": "b"}\n')
+    for extra in ([], ["--balance", "unimax"]):
+        bad = run_cli(["-m", "cherry_megatron.cli.tokenizer", "--input", str(broken), "--vocab-size", "400",
+                       "--model-prefix", str(tmp_path / "new" / "bad"), *extra], timeout=300)
+        assert bad.returncode != 0 and len(error_lines(bad)) == 1, bad.stderr
+        assert not (tmp_path / "new").exists()

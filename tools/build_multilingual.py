@@ -212,7 +212,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     for name in ("gnome-user-docs", "python3.11-doc", "libpython3.11-stdlib"):
         if not (args.sources / name).is_dir():
-            sys.exit(f"build_multilingual: error: source directory {args.sources / name} is missing "
+            sys.exit(f"error: build_multilingual: source directory {args.sources / name} is missing "
                      f"(run tools/fetch_corpus.sh {args.sources} first)")
     t0 = time.time()
     splits = build(args.sources)

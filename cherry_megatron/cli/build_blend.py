@@ -56,7 +56,7 @@ def main(argv=None) -> dict:
             prefixes = {}
             try:
                 counts = {lang: int(float(v)) for lang, v in _pairs(args.counts, "TOKENS").items()}
-            except ValueError as e:
+            except (ValueError, OverflowError) as e:
                 raise ConfigError(f"--counts: {e}") from None
         blend = allocate(counts, args.method, args.budget, args.max_epochs, args.temperature)
         budget = sum(blend.tokens.values())

@@ -87,14 +87,21 @@ def main(argv=None):
         import sentencepiece as spm
 
         out_dir = os.path.dirname(os.path.abspath(args.model_prefix))
+        # A balanced sample needs every line first (its sizes decide the amounts); otherwise lines stream.
+        chosen = balanced_lines(args) if args.balance else (
+            line for text in iter_texts(args.input, args.json_key) for line in text.splitlines() if line.strip())
+        made_dir = not os.path.isdir(out_dir)
         os.makedirs(out_dir, exist_ok=True)
         # sentencepiece trains on lines; write the documents' lines to one temp file it can sample from.
-        # Read (and check) every input before anything is written.
-        chosen = balanced_lines(args) if args.balance else [
-            line for text in iter_texts(args.input, args.json_key) for line in text.splitlines() if line.strip()]
         with tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".txt", delete=False, dir=out_dir) as tmp:
-            for line in chosen:
-                tmp.write(line + "\n")
+            try:
+                for line in chosen:
+                    tmp.write(line + "\n")
+            except BaseException:  # a bad input found while streaming leaves nothing behind
+                os.unlink(tmp.name)
+                if made_dir:
+                    os.rmdir(out_dir)
+                raise
         tmp_prefix = args.model_prefix + ".tmp"
         try:
             spm.SentencePieceTrainer.train(

@@ -12,6 +12,7 @@ weighted `data.paths` (its BlendedDataset draws samples to those weights determi
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,10 +61,11 @@ def allocate(counts: dict, method: str, budget: float = 0, max_epochs: float = 1
     if not counts:
         raise ConfigError("a blend needs at least one language")
     for lang, n in counts.items():
-        if n <= 0:
-            raise DataError(f"language '{lang}' has no tokens: nothing to blend")
-    if budget < 0 or max_epochs <= 0 or temperature <= 0:
-        raise ConfigError("--budget must be >= 0, --max-epochs and --temperature > 0")
+        if not math.isfinite(n) or n <= 0:
+            raise DataError(f"language '{lang}' has {n} tokens: a blend needs a positive, finite count")
+    if not all(map(math.isfinite, (budget, max_epochs, temperature))) or budget < 0 or max_epochs <= 0 \
+            or temperature <= 0:
+        raise ConfigError("--budget must be finite and >= 0, --max-epochs and --temperature finite and > 0")
     budget = float(budget or sum(counts.values()))
     if method == "unimax":
         tokens = unimax(counts, budget, max_epochs)
@@ -104,10 +106,35 @@ def read_blend(path: str) -> dict:
     for lang, entry in langs.items():
         if not isinstance(entry, dict) or "prefix" not in entry or "weight" not in entry:
             raise ConfigError(f"data.blend_file {path}: language '{lang}' needs a prefix and a weight")
-        if not float(entry["weight"]) >= 0:
-            raise ConfigError(f"data.blend_file {path}: language '{lang}' has a negative weight")
-        out[str(lang)] = (float(entry["weight"]), str(entry["prefix"]))
+        try:
+            weight = float(entry["weight"])
+        except (TypeError, ValueError):
+            weight = math.nan
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ConfigError(f"data.blend_file {path}: language '{lang}' has weight {entry['weight']!r}, not a "
+                              "finite number >= 0")
+        out[str(lang)] = (weight, str(entry["prefix"]))
     return out
+
+
+def check_caps(data, run_tokens: int, seq_length: int) -> None:
+    """A run longer than its UniMax blend's budget would take the capped languages past their epoch cap:
+    refused (rebuild the blend with --budget = the run's tokens)."""
+    if not data.blend_file:
+        return
+    doc = yaml.safe_load(Path(data.blend_file).read_text())
+    cap = doc.get("max_epochs") if doc.get("method") == "unimax" else None
+    if not cap:
+        return
+    for lang, (w, prefix) in read_blend(data.blend_file).items():
+        n = token_count(prefix)
+        # megatron's blending is deterministic: a language's samples stay within one of weight x samples.
+        epochs = (w * run_tokens + seq_length) / n
+        if w > 0 and epochs > cap * (1 + 1e-6) + 2 * seq_length / n:
+            raise ConfigError(f"this run trains on {run_tokens:,} tokens, which takes '{lang}' to {epochs:.2f} "
+                              f"epochs, past its blend's cap of {cap:g} (the blend was made for "
+                              f"{doc.get('budget')} tokens): rebuild it with tools/build_blend.py --budget "
+                              f"{run_tokens}")
 
 
 def expand(blend_file: str) -> list:
@@ -138,7 +165,9 @@ def language_names(data) -> list[str]:
     if data.blend_file:
         return [lang for lang, (w, _) in read_blend(data.blend_file).items() if w > 0]
     prefixes = get_blend_from_list([str(p) for p in data.paths])[0]
-    return [re.sub(r"_text_document$", "", Path(p).name) for p in prefixes]
+    names = [re.sub(r"_text_document$", "", Path(p).name) for p in prefixes]
+    # The same file name twice (another directory, or the same prefix again) must not merge two counts.
+    return [n if names.count(n) == 1 else f"{n}.{names[:i].count(n)}" for i, n in enumerate(names)]
 
 
 class Shares:
@@ -147,12 +176,16 @@ class Shares:
 
     def __init__(self, names: list[str], dataset_index: np.ndarray | None, epoch_tokens: list[int], seq_length: int):
         self.names, self.index, self.epoch_tokens, self.seq = names, dataset_index, epoch_tokens, seq_length
+        self.counted, self.counts = 0, np.zeros(len(names), dtype=np.int64)
 
     def at(self, samples: int) -> dict:
         if self.index is None:
-            counts = np.array([samples])
-        else:
-            counts = np.bincount(self.index[:samples], minlength=len(self.names))
-        tokens = {n: int(c) * self.seq for n, c in zip(self.names, counts)}
+            self.counts[0] = samples
+        else:  # counted on from the last call: a long run's index is read once, not at every log step
+            if samples < self.counted:
+                self.counted, self.counts[:] = 0, 0
+            self.counts += np.bincount(self.index[self.counted:samples], minlength=len(self.names))
+            self.counted = samples
+        tokens = {n: int(c) * self.seq for n, c in zip(self.names, self.counts)}
         return {"lang_tokens": tokens,
                 "lang_epochs": {n: tokens[n] / t for n, t in zip(self.names, self.epoch_tokens)}}
