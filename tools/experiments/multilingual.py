@@ -138,6 +138,16 @@ def report(results: dict, langs: list[str], fert: list[dict], counts: dict, comm
               ". A gap that grows with the epochs a blend spends on a language is over-repetition.",
               f"- English (the largest): " + ", ".join(f"{n} {results[n]['heldout']['en']:.3f}" for n in names) +
               ": what up-weighting the small languages costs the large one."]
+    if "natural" in names:
+        for lang in small[:2]:
+            order = sorted(names, key=lambda n: results[n]["lang_epochs"][lang])
+            lines.append(f"- {lang} by epochs spent on it: " + ", ".join(
+                f"{n} {results[n]['lang_epochs'][lang]:.2f} ep -> held-out {results[n]['heldout'][lang]:.3f}, gap "
+                f"{gap[n][lang] - gap['natural'][lang]:+.3f} vs natural" for n in order) + ".")
+        lines.append("- Reading the gap: held-out and train tokens are different documents, so a language's gap level is "
+                     "partly how hard its two samples are (code's train sample is harder than its held-out one); only "
+                     f"its change between blends on the same language says anything, and on {EVAL_TOKENS:,} tokens a "
+                     "change of ~0.1 is within noise.")
     if fert:
         lines += ["", "## Tokenizer fertility (characters per token on each language's held-out text)", "",
                   "| language | " + " | ".join(f"`{f['tokenizer']}`" for f in fert) + " |", "|---|" + "---:|" * len(fert)]
