@@ -141,12 +141,19 @@ def test_the_realised_shares_of_a_long_sample_match_the_weights_within_the_caps(
     assert np.array_equal(ids, data.dataset.dataset_index[:2000])
 
 
-def test_the_trainer_logs_the_shares_it_draws(blend_file, tmp_path):
+@pytest.fixture(scope="module")
+def blend_run(blend_file, tmp_path_factory):
+    """The SHORT_RUN trained on the blend (read only)."""
+    run = tmp_path_factory.mktemp("blend_run") / "run"
+    train(run, ["data.paths=[]", f"data.blend_file={blend_file[0]}"])
+    return run
+
+
+def test_the_trainer_logs_the_shares_it_draws(blend_file, blend_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     path, counts, blend = blend_file
-    run = tmp_path / "run"
-    train(run, ["data.paths=[]", f"data.blend_file={path}"])
+    run = blend_run
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in rows if "lang_tokens" in r]
     steps = int(next(s.split("=")[1] for s in SHORT_RUN if s.startswith("train.steps")))
@@ -167,10 +174,9 @@ def test_the_trainer_logs_the_shares_it_draws(blend_file, tmp_path):
     assert "blend_file" in config and str(PREFIXES["small"]) in config
 
 
-def test_a_blend_run_resumes_with_its_counts(blend_file, tmp_path):
+def test_a_blend_run_resumes_with_its_counts(blend_file, blend_run, tmp_path):
     path, _, _ = blend_file
-    whole, part = tmp_path / "whole", tmp_path / "part"
-    train(whole, ["data.paths=[]", f"data.blend_file={path}"])
+    whole, part = blend_run, tmp_path / "part"
     train(part, ["data.paths=[]", f"data.blend_file={path}", "train.exit_at_step=3"])
     proc = run_cli(["-m", "cherry_megatron.train", "--config", str(part / "config.yaml"), "--run-dir", str(part),
                     "--set", "train.exit_at_step=0"])
