@@ -134,19 +134,11 @@ def _evaluate(args) -> list[dict] | None:
 
 def _languages(items: list[str]) -> dict:
     """{lang: prefix} of --data; {None: prefix} for one plain prefix."""
-    from cherry_megatron.errors import ConfigError
+    from cherry_megatron.data.blend import lang_pairs
 
     if len(items) == 1 and "=" not in items[0]:
         return {None: items[0]}
-    out = {}
-    for item in items:
-        lang, sep, prefix = item.partition("=")
-        if not sep or not lang or not prefix:
-            raise ConfigError(f"--data '{item}': several data files need LANG=PREFIX each")
-        if lang in out:
-            raise ConfigError(f"--data: language '{lang}' is given twice")
-        out[lang] = prefix
-    return out
+    return lang_pairs(items, "PREFIX", "--data")
 
 
 if __name__ == "__main__":

@@ -30,32 +30,20 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _pairs(items: list[str], what: str) -> dict:
-    out = {}
-    for item in items:
-        lang, sep, value = item.partition("=")
-        if not sep or not lang or not value:
-            raise ConfigError(f"'{item}' is not LANG={what}")
-        if lang in out:
-            raise ConfigError(f"language '{lang}' is given twice")
-        out[lang] = value
-    return out
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     with cli_errors():
-        from cherry_megatron.data.blend import allocate, token_count, write_blend
+        from cherry_megatron.data.blend import allocate, lang_pairs, token_count, write_blend
 
         if args.output and not args.inputs:
             raise ConfigError("--output needs --inputs (a blend file names each language's data)")
         if args.inputs:
-            prefixes = _pairs(args.inputs, "PREFIX")
+            prefixes = lang_pairs(args.inputs, "PREFIX", "--inputs")
             counts = {lang: token_count(prefix) for lang, prefix in prefixes.items()}
         else:
             prefixes = {}
             try:
-                counts = {lang: int(float(v)) for lang, v in _pairs(args.counts, "TOKENS").items()}
+                counts = {lang: int(float(v)) for lang, v in lang_pairs(args.counts, "TOKENS", "--counts").items()}
             except (ValueError, OverflowError) as e:
                 raise ConfigError(f"--counts: {e}") from None
         blend = allocate(counts, args.method, args.budget, args.max_epochs, args.temperature)

@@ -32,6 +32,19 @@ class Blend:
     epochs: dict  # {lang: allocated / its own tokens}
 
 
+def lang_pairs(items: list[str], what: str, flag: str) -> dict:
+    """{lang: value} of command-line LANG=VALUE items (each language once)."""
+    out = {}
+    for item in items:
+        lang, sep, value = item.partition("=")
+        if not sep or not lang or not value:
+            raise ConfigError(f"{flag} '{item}' is not LANG={what}")
+        if lang in out:
+            raise ConfigError(f"{flag}: language '{lang}' is given twice")
+        out[lang] = value
+    return out
+
+
 def unimax(counts: dict, budget: float, max_epochs: float) -> dict:
     """{lang: allocated tokens}: UniMax's allocation of `budget` tokens over `counts`, at most `max_epochs` each."""
     if budget > max_epochs * sum(counts.values()) * (1 + 1e-12):
