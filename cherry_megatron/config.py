@@ -253,17 +253,22 @@ def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
             setattr(obj, key, _coerce(value, hints[key], path))
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path, what: str = "config"):
+    """A YAML file's document (configs, recipes, blend files), any failure one ConfigError naming `what`."""
     try:
-        text = path.read_text(encoding="utf-8")  # not the locale's: a config reads the same on every machine
+        text = Path(path).read_text(encoding="utf-8")  # not the locale's: a file reads the same on every machine
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}): a corrupt or binary file") from None
     except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"malformed YAML in {path}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"malformed YAML in {what} {path}: {str(e).splitlines()[0]}") from None
+
+
+def _read_yaml(path: Path) -> dict:
+    data = read_yaml(path)
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -106,12 +106,14 @@ def write_blend(path: Path, blend: Blend, prefixes: dict, settings: dict) -> Non
 
 def read_blend(path: str) -> dict:
     """{lang: (weight, prefix)} of a blend file, checked."""
-    try:
-        doc = yaml.safe_load(Path(path).read_text())
-    except OSError as e:
-        raise ConfigError(f"cannot read data.blend_file {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"data.blend_file {path} is not YAML: {str(e).splitlines()[0]}") from None
+    return _read_blend_file(path)[1]
+
+
+def _read_blend_file(path: str) -> tuple[dict, dict]:
+    """(the blend file's document, its checked {lang: (weight, prefix)})."""
+    from cherry_megatron.config import read_yaml
+
+    doc = read_yaml(path, "data.blend_file")
     langs = doc.get("languages") if isinstance(doc, dict) else None
     if not isinstance(langs, dict) or not langs:
         raise ConfigError(f"data.blend_file {path} has no 'languages' mapping (write it with tools/build_blend.py)")
@@ -127,7 +129,7 @@ def read_blend(path: str) -> dict:
             raise ConfigError(f"data.blend_file {path}: language '{lang}' has weight {entry['weight']!r}, not a "
                               "finite number >= 0")
         out[str(lang)] = (weight, str(entry["prefix"]))
-    return out
+    return doc, out
 
 
 def check_caps(data, run_tokens: int, seq_length: int) -> None:
@@ -135,11 +137,11 @@ def check_caps(data, run_tokens: int, seq_length: int) -> None:
     refused (rebuild the blend with --budget = the run's tokens)."""
     if not data.blend_file:
         return
-    doc = yaml.safe_load(Path(data.blend_file).read_text())
+    doc, langs = _read_blend_file(data.blend_file)
     cap = doc.get("max_epochs") if doc.get("method") == "unimax" else None
     if not cap:
         return
-    for lang, (w, prefix) in read_blend(data.blend_file).items():
+    for lang, (w, prefix) in langs.items():
         n = token_count(prefix)
         # megatron's blending is deterministic: a language's samples stay within one of weight x samples.
         epochs = (w * run_tokens + seq_length) / n

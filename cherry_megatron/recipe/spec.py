@@ -36,6 +36,7 @@ from pathlib import Path
 
 import yaml
 
+from cherry_megatron.config import read_yaml
 from cherry_megatron.errors import ConfigError
 
 KINDS = ("train", "compress", "prune", "fuse", "convert", "evaluate")
@@ -88,12 +89,7 @@ def _parse_value(raw: str, where: str):
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> list[Stage]:
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ConfigError(f"cannot read recipe {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"recipe {path} is not YAML: {str(e).splitlines()[0]}") from None
+    data = read_yaml(path, "recipe")
     items = data.get("stages") if isinstance(data, dict) else data
     if not isinstance(items, list) or not items:
         raise ConfigError(f"recipe {path}: expected a list of stages (or a mapping with `stages:`)")
