@@ -104,6 +104,7 @@ def _evaluate(args) -> list[dict] | None:
 
         data = _languages(args.data)
         streams = {lang: token_stream(prefix) for lang, prefix in data.items()}
+        top = {lang: int(stream.max()) for lang, stream in streams.items()}  # one pass per file, not per model
         distributed.set_threads(0)
         layout = distributed.init(ParallelConfig(tp=1))
         results = []
@@ -115,8 +116,8 @@ def _evaluate(args) -> list[dict] | None:
                 per = {}
                 for lang, prefix in data.items():
                     check_tokenizer(prefix, cfg.data.tokenizer_model, f"the model {load}")
-                    if int(streams[lang].max()) >= cfg.model.vocab_size:
-                        raise CheckpointError(f"{prefix} holds token id {int(streams[lang].max())}, beyond the model's "
+                    if top[lang] >= cfg.model.vocab_size:
+                        raise CheckpointError(f"{prefix} holds token id {top[lang]}, beyond the model's "
                                               f"vocabulary {cfg.model.vocab_size}: data and checkpoint come from "
                                               "different tokenizers")
                     loss, n = window_loss(model, streams[lang], args.seq_length or cfg.train.seq_length,

@@ -38,11 +38,12 @@ def main(argv=None) -> list[dict]:
         from cherry_megatron.cli.tokenizer import iter_texts
         from cherry_megatron.data.tokenizer import load_tokenizer
 
-        texts = {}
+        texts, have = {}, {}
         for text, lang in iter_texts(args.input, args.json_key, args.lang_key):
-            have = sum(map(len, texts.setdefault(lang, [])))
-            if not args.max_chars or have < args.max_chars:
-                texts[lang].append(text if not args.max_chars else text[:args.max_chars - have])
+            texts.setdefault(lang, [])
+            if not args.max_chars or have.get(lang, 0) < args.max_chars:
+                texts[lang].append(text if not args.max_chars else text[:args.max_chars - have.get(lang, 0)])
+                have[lang] = have.get(lang, 0) + len(texts[lang][-1])
         if not texts:
             raise DataError(f"{', '.join(args.input)} hold no documents")
         results = []
