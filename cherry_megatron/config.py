@@ -180,6 +180,27 @@ class MoEEConfig:
 
 
 @dataclass
+class SMoEConfig:
+    """A JetMoE-style sparse model (model/smoe.py): every layer a Mixture of Attention heads and a mixture of
+    SwiGLU MLP experts (`model.ffn_hidden_size` each). Routing and its knobs as `moee`'s; gates are the softmax
+    over each token's top-k logits (they sum to 1, also at k=1), and the losses are JetMoE's."""
+    num_experts: int = 0  # E; 0: not a sparse model. Experts per layer, in the MLP and (attention_experts) the MoA
+    top_k: int = 2  # experts per token, in both
+    ep_size: int = 1  # expert-parallel ranks for the MLP experts (deepspeed.moe); the MoA experts stay replicated
+    attention_experts: bool = True  # Mixture of Attention heads; false: dense attention, routed MLPs only
+    capacity_factor: float = 0.0  # 0: dropless (moee.capacity_factor says what it costs)
+    # JetMoE's objective: 0.01 x (switch load balancing + 0.1 x z-loss), per router (MoA and MLP logged apart)
+    load_balance_weight: float = 0.01
+    z_loss_weight: float = 0.001
+    router_jitter: float = 0.0  # DeepSpeed's multiplicative jitter on the MLP router's input while training
+
+
+def routing(cfg) -> "MoEEConfig | SMoEConfig | None":
+    """The config section whose routed MLPs the model has (`smoe` or `moee`), or None for a model without."""
+    return cfg.smoe if cfg.smoe.num_experts else cfg.moee if cfg.moee.num_experts else None
+
+
+@dataclass
 class Config:
     name: str = "run"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -189,6 +210,7 @@ class Config:
     recurrent: RecurrentConfig = field(default_factory=RecurrentConfig)
     sgt: SGTConfig = field(default_factory=SGTConfig)
     moee: MoEEConfig = field(default_factory=MoEEConfig)
+    smoe: SMoEConfig = field(default_factory=SMoEConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict:

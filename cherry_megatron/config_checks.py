@@ -38,7 +38,7 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
         for key, on in unsupported.items():
             if on:
                 raise ConfigError(f"parallel.pp={p.pp} does not support {key} yet")
-        if (cfg.moee.num_experts or cfg.moee.mtp_depth) and t.precision == "fp16":
+        if (cfg.moee.num_experts or cfg.smoe.num_experts or cfg.moee.mtp_depth) and t.precision == "fp16":
             # Auxiliary losses join the gradient outside DeepSpeed's loss scaling (model/pipeline.py).
             raise ConfigError(f"parallel.pp={p.pp} with router or MTP losses needs train.precision fp32 or bf16, "
                               "not fp16")
@@ -165,25 +165,44 @@ def validate_moee(cfg, world_size: Optional[int] = None) -> None:
     if not e.num_experts:
         if e.ep_size != 1 or e.top_k != 1:
             raise ConfigError("moee.ep_size/top_k are set but moee.num_experts is 0 (no MoE layers)")
+    else:
+        validate_routing(cfg, "moee", world_size)
+    s = cfg.smoe
+    if not s.num_experts:
+        if s.ep_size != 1:
+            raise ConfigError("smoe.ep_size is set but smoe.num_experts is 0 (not a sparse model)")
         return
+    if e.num_experts or e.mtp_depth or cfg.recurrent.num_blocks:
+        raise ConfigError("smoe.num_experts > 0 is a model of its own: it takes no moee.num_experts, moee.mtp_depth "
+                          "or recurrent.num_blocks")
+    validate_routing(cfg, "smoe", world_size)
+    if s.attention_experts and cfg.model.num_heads != cfg.model.kv_heads:
+        raise ConfigError(f"smoe.attention_experts: each expert's queries have the shared model.num_kv_heads="
+                          f"{cfg.model.kv_heads} heads; set model.num_heads to it too (got {cfg.model.num_heads})")
+
+
+def validate_routing(cfg, section: str, world_size: Optional[int] = None) -> None:
+    """The routed MLPs' settings, in `moee` or `smoe` (the same names)."""
+    e = getattr(cfg, section)
     if not 1 <= e.top_k <= e.num_experts:
-        raise ConfigError(f"moee.top_k={e.top_k} must lie in 1..moee.num_experts={e.num_experts}")
+        raise ConfigError(f"{section}.top_k={e.top_k} must lie in 1..{section}.num_experts={e.num_experts}")
     if e.ep_size < 1 or e.num_experts % e.ep_size:
-        raise ConfigError(f"moee.ep_size={e.ep_size} does not divide moee.num_experts={e.num_experts}")
+        raise ConfigError(f"{section}.ep_size={e.ep_size} does not divide {section}.num_experts={e.num_experts}")
     if cfg.parallel.zero_stage == 3:
-        raise ConfigError("moee.num_experts > 0 needs parallel.zero_stage <= 2 "
+        raise ConfigError(f"{section}.num_experts > 0 needs parallel.zero_stage <= 2 "
                           "(DeepSpeed's MoE layers are not supported under ZeRO stage 3)")
     if e.capacity_factor < 0 or e.load_balance_weight < 0 or e.z_loss_weight < 0 or e.router_jitter < 0:
-        raise ConfigError("moee.capacity_factor, load_balance_weight, z_loss_weight and router_jitter must be >= 0")
+        raise ConfigError(f"{section}.capacity_factor, load_balance_weight, z_loss_weight and router_jitter "
+                          "must be >= 0")
     if cfg.sgt.probe_interval:
         raise ConfigError("sgt.probe_interval is not supported with MoE layers (expert gradients live on "
                           "expert-parallel groups)")
     if world_size is not None:
         # DeepSpeed's expert groups span all ranks (TP ranks split the routed tokens between them).
         if world_size % e.ep_size:
-            raise ConfigError(f"moee.ep_size={e.ep_size} does not divide the world size {world_size}")
+            raise ConfigError(f"{section}.ep_size={e.ep_size} does not divide the world size {world_size}")
         p = cfg.parallel
         if p.pp > 1 and world_size % (p.tp * p.pp) == 0 and (world_size // (p.tp * p.pp)) % e.ep_size:
             # Each stage's experts are spread over that stage's data-parallel ranks.
-            raise ConfigError(f"moee.ep_size={e.ep_size} does not divide the data-parallel size "
+            raise ConfigError(f"{section}.ep_size={e.ep_size} does not divide the data-parallel size "
                               f"{world_size // (p.tp * p.pp)} of each pipeline stage")

@@ -68,10 +68,38 @@ def with_aux(loss: torch.Tensor, aux: dict) -> torch.Tensor:
     return loss
 
 
-def aux_weights(moee) -> dict[str, float]:
-    """The auxiliary terms a model of this `MoEEConfig` produces in training, in a fixed order, with their weights."""
-    out = {"load_balance_loss": moee.load_balance_weight, "router_z_loss": moee.z_loss_weight} if moee.num_experts else {}
-    return {**out, "mtp_loss": moee.mtp_weight} if moee.mtp_depth else out
+def aux_weights(section) -> dict[str, float]:
+    """The auxiliary terms a model of this routed section (`moee`, `smoe`) produces in training, in a fixed
+    order, with their weights; a sparse model's MoA routers have terms of their own (logged apart)."""
+    if not section.num_experts:
+        out = {}
+    else:
+        out = {"load_balance_loss": section.load_balance_weight, "router_z_loss": section.z_loss_weight}
+    if getattr(section, "attention_experts", False) and section.num_experts:
+        out.update(moa_load_balance_loss=section.load_balance_weight, moa_z_loss=section.z_loss_weight)
+    return {**out, "mtp_loss": section.mtp_weight} if getattr(section, "mtp_depth", 0) else out
+
+
+def model_aux_weights(cfg) -> dict[str, float]:
+    """`aux_weights` of the model a whole config tree describes."""
+    return aux_weights(cfg.smoe if cfg.smoe.num_experts else cfg.moee)
+
+
+def switch_loss(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Switch Transformer's load-balancing loss E * sum_i f_i P_i of router logits [tokens, E] (JetMoE's
+    form, for any k): f_i the share of the tokens' top-k assignments that go to expert i (no gradient), P_i
+    the mean router probability. 1 at a perfectly balanced router, E when every token goes to one expert."""
+    e = logits.shape[-1]
+    probs = logits.float().softmax(-1).reshape(-1, e)
+    chosen = logits.detach().reshape(-1, e).topk(top_k, dim=-1).indices
+    f = torch.zeros(e, device=logits.device).scatter_add_(0, chosen.reshape(-1), torch.ones(chosen.numel(),
+                                                                                              device=logits.device))
+    return e * (f / chosen.numel() * probs.mean(0)).sum()
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE's router z-loss: mean over tokens of logsumexp(logits)^2."""
+    return torch.logsumexp(logits.float(), dim=-1).square().mean()
 
 
 def summed_aux(terms: dict[str, list], weights: dict[str, float]) -> dict:

@@ -35,7 +35,7 @@ def check_memory(cfg: Config, world_size: int) -> None:
     limit = cfg.train.memory_limit_gib
     if limit <= 0:
         return
-    if cfg.recurrent.num_blocks or cfg.moee.num_experts:
+    if cfg.recurrent.num_blocks or cfg.moee.num_experts or cfg.smoe.num_experts:
         raise ConfigError("train.memory_limit_gib: the planner models dense models only; set it to 0 for this model")
     import torch
 

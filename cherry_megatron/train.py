@@ -136,7 +136,7 @@ class Trainer:
 
     def _pipeline_aux(self) -> None:
         """Each stage summed the auxiliary terms of its own layers: add them up over the stages."""
-        names, sums = list(losses.aux_weights(self.cfg.moee)), self.engine.module.aux_losses.pop()
+        names, sums = list(losses.model_aux_weights(self.cfg)), self.engine.module.aux_losses.pop()
         if not names:
             return
         dev = self.layout.device

@@ -56,7 +56,7 @@ def check_layout(cfg_dict: dict, tp: int, pp: int) -> None:
         raise ConfigError(f"--target-tp={tp} / --target-pp={pp} must be >= 1")
     if pp > m.num_layers:
         raise ConfigError(f"--target-pp={pp} exceeds the model's {m.num_layers} layers")
-    cfg.moee.ep_size = 1  # expert files hold global expert ids: a run picks its own expert parallelism
+    cfg.moee.ep_size = cfg.smoe.ep_size = 1  # expert files hold global expert ids: a run picks its own expert parallelism
     cfg.sgt.ratio = 1.0  # a layout check: training-only settings that a pipeline refuses do not matter here
     cfg.recurrent.exit_depths, cfg.recurrent.exit_loss_weights = [], []
     try:

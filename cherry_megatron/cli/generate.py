@@ -87,7 +87,7 @@ def _generate(args, texts: list[str]) -> list[dict]:
     import torch
 
     from cherry_megatron import distributed
-    from cherry_megatron.config import ParallelConfig
+    from cherry_megatron.config import ParallelConfig, routing
     from cherry_megatron.convert.load import load_model
     from cherry_megatron.data.tokenizer import load_tokenizer
     from cherry_megatron.engine import compute_dtype
@@ -105,8 +105,9 @@ def _generate(args, texts: list[str]) -> list[dict]:
         tok = load_tokenizer(cfg.data.tokenizer_model)
         if tok.vocab_size > cfg.model.vocab_size:
             raise CheckpointError(f"the tokenizer has {tok.vocab_size} tokens, the model {cfg.model.vocab_size}")
-        if cfg.moee.num_experts and cfg.moee.capacity_factor > 0:
-            raise CheckpointError(f"{args.load} routes with moee.capacity_factor={cfg.moee.capacity_factor}: which tokens "
+        routed = routing(cfg)
+        if routed is not None and routed.capacity_factor > 0:
+            raise CheckpointError(f"{args.load} routes with capacity_factor={routed.capacity_factor}: which tokens "
                                   "an expert drops depends on the other tokens of the pass, so cached decoding would "
                                   "differ from the model; generation needs dropless routing (capacity_factor 0)")
         dtype = compute_dtype(cfg.train.precision if args.precision == "train" else args.precision, layout.device)

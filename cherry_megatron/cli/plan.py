@@ -208,7 +208,7 @@ def main(argv=None) -> None:
         cfg = load_config(args.config, args.overrides, read_checkpoint=checkpoint_layer)
         cfg.parallel.pipeline_partition = args.pipeline_partition or cfg.parallel.pipeline_partition
         args.activation_checkpointing = args.activation_checkpointing or cfg.train.activation_checkpointing > 0
-        if cfg.recurrent.num_blocks or cfg.moee.num_experts:
+        if cfg.recurrent.num_blocks or cfg.moee.num_experts or cfg.smoe.num_experts:
             raise ConfigError("cherry-plan models dense presets only (as the pipeline does)")
         t = cfg.train
         t.micro_batch_size = args.micro_batch_size or t.micro_batch_size

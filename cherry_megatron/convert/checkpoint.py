@@ -292,7 +292,7 @@ def model_tensors(cfg_dict: dict) -> tuple[dict[str, tuple], list[str]]:
     """({name: shape}, [`_extra_state` names]) of the full (TP=1) model this config builds, built on the meta
     device (shapes only, no memory) in a world of one."""
     cfg = from_dict(cfg_dict)
-    cfg.moee.ep_size = 1  # a full checkpoint holds every expert
+    cfg.moee.ep_size = cfg.smoe.ep_size = 1  # a full checkpoint holds every expert
     cfg.parallel.tp = cfg.parallel.pp = 1
     own = not parallel_state.model_parallel_is_initialized()
     if own:

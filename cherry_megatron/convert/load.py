@@ -36,11 +36,11 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, Config]:
     Every rank keeps every expert of a routed model (the full state holds them all: moee.ep_size=1)."""
     state, cfg_dict = load_consolidated(path)
     cfg = from_dict(cfg_dict)
-    cfg.moee.ep_size = 1
+    cfg.moee.ep_size = cfg.smoe.ep_size = 1
     return build_loaded(cfg, state, str(path)), cfg
 
 
-ARCHITECTURE = ("model", "recurrent", "moee")
+ARCHITECTURE = ("model", "recurrent", "moee", "smoe")
 
 
 def checkpoint_layer(path: Path) -> dict:
@@ -53,9 +53,10 @@ def checkpoint_layer(path: Path) -> dict:
         ck = read_any(path).cfg
     except UserError as e:
         raise ConfigError(f"--config {path} is a directory but not a checkpoint we read: {e}") from None
-    layer = {k: dict(ck[k]) for k in ARCHITECTURE}
+    layer = {k: dict(ck.get(k, {})) for k in ARCHITECTURE}  # a checkpoint older than a section has its defaults
     layer["model"]["init_from"] = str(path)
     layer["moee"].pop("ep_size", None)
+    layer["smoe"].pop("ep_size", None)
     layer["recurrent"].pop("exit_loss_weights", None)  # a training objective, not the architecture
     layer["name"] = path.resolve().name
     tokenizer = ck.get("data", {}).get("tokenizer_model", "")

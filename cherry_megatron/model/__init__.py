@@ -1,5 +1,6 @@
 """Models built from the config tree: dense (`gpt.py`), recurrent (`recurrent.py`, recurrent.num_blocks > 0),
-routed (`moee.py`, moee.num_experts > 0); any of them with multi-token prediction (`mtp.py`, moee.mtp_depth > 0)."""
+routed (`moee.py`, moee.num_experts > 0); any of them with multi-token prediction (`mtp.py`, moee.mtp_depth > 0);
+and the JetMoE-style sparse model (`smoe.py`, smoe.num_experts > 0)."""
 from __future__ import annotations
 
 import functools
@@ -13,6 +14,7 @@ from cherry_megatron.config import ParallelConfig, from_dict
 from cherry_megatron.model.gpt import GPT, count_parameters
 from cherry_megatron.model.moee import MoEEGPT, count_moee_parameters
 from cherry_megatron.model.recurrent import RecurrentGPT, count_recurrent_parameters
+from cherry_megatron.model.smoe import SMoEGPT, count_smoe_parameters
 from cherry_megatron.model.tp_layout import Table, key, of
 
 
@@ -21,6 +23,8 @@ def build_model(cfg, params_dtype: torch.dtype = torch.float32) -> GPT:
                    checkpoint_every=cfg.train.activation_checkpointing,
                    exits=dict(zip(cfg.train.exit_depths, cfg.train.exit_loss_weights)),
                    exit_distill_weight=cfg.train.exit_distill_weight)
+    if cfg.smoe.num_experts:
+        return SMoEGPT(cfg.model, cfg.smoe, params_dtype, **options)
     if cfg.moee.num_experts:
         return MoEEGPT(cfg.model, cfg.recurrent, cfg.moee, params_dtype, **options)
     if cfg.recurrent.num_blocks:
@@ -42,7 +46,9 @@ def compile_blocks(model: torch.nn.Module) -> int:
 
 def parameter_count(cfg) -> dict:
     """Analytic counts by part; `total` is what is stored, `active` what one token passes through."""
-    if cfg.moee.num_experts:
+    if cfg.smoe.num_experts:
+        out = count_smoe_parameters(cfg.model, cfg.smoe)
+    elif cfg.moee.num_experts:
         out = count_moee_parameters(cfg.model, cfg.recurrent, cfg.moee)
     elif cfg.recurrent.num_blocks:
         out = count_recurrent_parameters(cfg.model, cfg.recurrent)
@@ -75,7 +81,7 @@ def _parameters(cfg_json: str) -> tuple:
     collective, which is why every rank of a run loads a checkpoint at the same point."""
 
     cfg = from_dict(json.loads(cfg_json))
-    cfg.moee.ep_size = 1
+    cfg.moee.ep_size = cfg.smoe.ep_size = 1
     own = not parallel_state.model_parallel_is_initialized()
     if own:
         distributed.init(ParallelConfig())

@@ -22,11 +22,12 @@ class GPT(nn.Module):
     (model/pipeline.py) all consume those parts, so a subclass changes what a unit does, not the loop."""
 
     def __init__(self, cfg: ModelConfig, params_dtype: torch.dtype = torch.float32, *, recurrent=None,
-                 mlp_factory=None, mtp_depth: int = 0, mtp_weight: float = 0.0, checkpoint_every: int = 0,
+                 mlp_factory=None, attn_factory=None, mtp_depth: int = 0, mtp_weight: float = 0.0, checkpoint_every: int = 0,
                  exits: dict | None = None, exit_distill_weight: float = 0.0):
         """`recurrent` (a RecurrentConfig) builds its num_blocks < cfg.num_layers blocks, unrolled to
         cfg.num_layers positions with per-position parameters (recurrent.py); init scaling follows the
-        unrolled depth. `mlp_factory(block_index)` builds each block's MLP in place of the SwiGLU (moee.py).
+        unrolled depth. `mlp_factory(block_index)` builds each block's MLP in place of the SwiGLU (moee.py),
+        `attn_factory(mp)` its attention (a Mixture of Attention heads, smoe.py).
         `mtp_depth` adds multi-token prediction (mtp.py); `checkpoint_every` = n recomputes every n-th
         unit's activations in the backward pass (train.activation_checkpointing). `exits` {depth: weight} adds
         early-exit losses in training (train.exit_depths), `exit_distill_weight` the exits' KL to the final
@@ -37,7 +38,8 @@ class GPT(nn.Module):
         self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, init_method=normal_init(cfg.init_std),
                                             config=mp)
         num_blocks = recurrent.num_blocks if recurrent is not None else cfg.num_layers
-        self.layers = nn.ModuleList(Block(cfg, mp, mlp_factory(i) if mlp_factory else None) for i in range(num_blocks))
+        self.layers = nn.ModuleList(Block(cfg, mp, mlp_factory(i) if mlp_factory else None,
+                                          attn_factory(mp) if attn_factory else None) for i in range(num_blocks))
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=params_dtype)
         self.head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, config=mp,
                                          init_method=normal_init(cfg.init_std), bias=False, gather_output=False,
@@ -218,3 +220,9 @@ def flops_per_token(cfg: ModelConfig, seq_length: int, experts_per_token: int = 
     matmul = n["layers"] + (experts_per_token - 1) * cfg.num_layers * 3 * h * cfg.ffn_size + cfg.vocab_size * h
     matmul += mtp_depth * (n["per_layer"] + 2 * h * h + cfg.vocab_size * h)
     return 6.0 * matmul + 12.0 * (cfg.num_layers + mtp_depth) * h * seq_length
+
+
+if __name__ == "__main__":  # `python -m cherry_megatron.model.gpt PRESET`: the counts of model/count.py
+    from cherry_megatron.model.count import main
+
+    main()

@@ -203,11 +203,13 @@ def position_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
 class Block(nn.Module):
     """Pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, mlp: nn.Module | None = None):
-        """`mlp` replaces the SwiGLU (a routed mixture of experts in model/moee.py: it has `route`)."""
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, mlp: nn.Module | None = None,
+                 attn: nn.Module | None = None):
+        """`mlp` replaces the SwiGLU (a routed mixture of experts in model/moee.py: it has `route`), `attn`
+        the attention (a Mixture of Attention heads, model/smoe.py: it has `route` too)."""
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=mp.params_dtype)
-        self.attn = Attention(cfg, mp)
+        self.attn = attn if attn is not None else Attention(cfg, mp)
         self.mlp_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=mp.params_dtype)
         self.mlp = mlp if mlp is not None else SwiGLU(cfg, mp)
 
@@ -219,7 +221,11 @@ class Block(nn.Module):
         if pos is not None and pos.embed is not None:
             x = x + pos.embed
         a = self.attn_norm(x) if pos is None or pos.norms is None else position_norm(x, pos.norms[0], self.attn_norm.eps)
-        x = x + self.attn(a, ctx.cos, ctx.sin, lora, cache)
+        if hasattr(self.attn, "route"):
+            y, l_aux, z = self.attn.route(a, ctx.cos, ctx.sin, cache)
+            x = x + ctx.add_aux(ctx.add_aux(y, "moa_load_balance_loss", l_aux), "moa_z_loss", z)
+        else:
+            x = x + self.attn(a, ctx.cos, ctx.sin, lora, cache)
         m = self.mlp_norm(x) if pos is None or pos.norms is None else position_norm(x, pos.norms[1], self.mlp_norm.eps)
         if not hasattr(self.mlp, "route"):
             return x + self.mlp(m, lora)

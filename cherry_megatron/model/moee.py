@@ -168,14 +168,16 @@ class MoEEGPT(RecurrentGPT):
     MLPs are `RoutedMLP`s; their router losses come back in `Output.aux` (layers.Block hands them to
     the pass's context)."""
     lora_projections = ("q", "kv", "o")
+    mlp_type = RoutedMLP  # a subclass routes differently (model/smoe.py), with this constructor
 
     def __init__(self, cfg: ModelConfig, rcfg: RecurrentConfig, ecfg: MoEEConfig, params_dtype=torch.float32,
                  **options):
         rcfg = rcfg if rcfg.num_blocks else dense_as_recurrent(cfg)
         schedule = rcfg.resolved_schedule(cfg.num_layers)
         runs = [schedule.count(b) for b in range(rcfg.num_blocks)]
+        mlp_type = self.mlp_type
         super().__init__(cfg, rcfg, params_dtype,
-                         mlp_factory=lambda b: RoutedMLP(cfg, ecfg, runs[b], rcfg.lora_rank, params_dtype), **options)
+                         mlp_factory=lambda b: mlp_type(cfg, ecfg, runs[b], rcfg.lora_rank, params_dtype), **options)
         self.ecfg = ecfg
         self.aux_weights = aux_weights(ecfg)
 

@@ -22,7 +22,8 @@ from deepspeed.pipe import PipelineModule, TiedLayerSpec
 from torch import nn
 
 from cherry_megatron import compat
-from cherry_megatron.losses import aux_weights, masked_mean, token_losses
+from cherry_megatron.config import routing
+from cherry_megatron.losses import masked_mean, model_aux_weights, token_losses
 from cherry_megatron.model import build_model
 from cherry_megatron.model.layers import LayerContext, output_logits, position_params
 
@@ -203,7 +204,7 @@ def local_blocks_only(cfg, topology, rank: int):
     device as soon as it is registered; the rank never holds the other stages' weights. The stage bounds are
     DeepSpeed's own partition (`cherry-plan`'s `stage_bounds`, tested against the built pipeline). Recurrent
     and routed models (blocks shared or tied across stages) build whole."""
-    if cfg.recurrent.num_blocks or cfg.moee.num_experts:
+    if cfg.recurrent.num_blocks or routing(cfg):
         yield
         return
     from cherry_megatron.cli.plan import stage_bounds
@@ -237,7 +238,7 @@ def build_pipeline(cfg, topology, model=None):
     """`model` (default: `build_model(cfg)`), whole on every rank, cut into this rank's stage layers."""
     model = model if model is not None else build_model(cfg)
     t, dp = cfg.train, topology.get_dim("data")
-    aux = AuxLosses(aux_weights(cfg.moee), t.global_batch_size // (t.micro_batch_size * dp))
+    aux = AuxLosses(model_aux_weights(cfg), t.global_batch_size // (t.micro_batch_size * dp))
     units = model.units()
     runs = [sum(1 for u in units if u.block == unit.block) for unit in units]
     blocks = []

@@ -73,8 +73,9 @@ WEIGHTS = {"q": "attn.q.weight", "kv": "attn.kv.weight", "o": "attn.o.weight", "
 def prune_state(state: dict[str, torch.Tensor], cfg, keep: Keep) -> tuple[dict[str, torch.Tensor], object]:
     """(pruned state dict, its config) for a dense or recurrent model's full state dict."""
     m, r = cfg.model, cfg.recurrent
-    if cfg.moee.num_experts or cfg.moee.mtp_depth:
-        raise ConfigError("pruning takes dense and recurrent models; a routed or multi-token-prediction one is not built")
+    if cfg.moee.num_experts or cfg.smoe.num_experts or cfg.moee.mtp_depth:
+        raise ConfigError("pruning takes dense and recurrent models; a routed or multi-token-prediction one is not "
+                          "built (tools/prune_experts.py removes experts)")
     blocks = r.num_blocks or m.num_layers
     if keep.layers is not None and r.num_blocks:
         raise ConfigError("a recurrent model prunes in width only (its depth is shared blocks: --target-layers "
