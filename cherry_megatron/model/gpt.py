@@ -223,6 +223,6 @@ def flops_per_token(cfg: ModelConfig, seq_length: int, experts_per_token: int = 
 
 
 if __name__ == "__main__":  # `python -m cherry_megatron.model.gpt PRESET`: the counts of model/count.py
-    from cherry_megatron.model.count import main
+    import runpy  # by name: count.py builds models, which import this module (no import cycle)
 
-    main()
+    runpy.run_module("cherry_megatron.model.count", run_name="__main__")
