@@ -1,5 +1,5 @@
 """KV-cached generation: cached passes equal the training forward (dense, recurrent with LoRA, MoEE), chunked
-prefill, crop and recompute, early depths, sampling."""
+prefill, crop and recompute, early depths, sampling; the sparse (MoA) model too."""
 import json
 
 import pytest
@@ -16,6 +16,7 @@ KINDS = {
     "dense": ("tiny", []),
     "recurrent": ("recurrent-tiny", ["recurrent.lora_rank=4", "recurrent.exit_depths=[]"]),
     "moee": ("tiny", ["moee.num_experts=2", "moee.top_k=2"]),  # capacity 0: dropless, no token depends on others
+    "smoe": ("smoe-tiny", ["smoe.num_experts=4"]),  # MoA's k queries attend to the shared cached keys
 }
 
 
@@ -28,7 +29,7 @@ def _model(kind: str):
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
-            elif "lora" in name or "iter_embed" in name:
+            elif "lora" in name or "iter_embed" in name or name.endswith("bias"):
                 p.normal_(0, 0.05)
     return cfg, model
 
@@ -266,7 +267,7 @@ def looped(world_of_one):
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
-            elif "lora" in name or "iter_embed" in name:
+            elif "lora" in name or "iter_embed" in name or name.endswith("bias"):
                 p.normal_(0, 0.05)
     return model
 
