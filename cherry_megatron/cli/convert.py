@@ -12,8 +12,9 @@ Formats:
              with `--set train.universal_from=PATH parallel.tp=N` (dense, PP=1 runs)
   torch      one model.safetensors + cherry_config.json, TP=1
   hf         a Hugging Face Llama directory (config.json, model.safetensors, tokenizer files) that
-             transformers' AutoModelForCausalLM loads without custom code; as input, any Llama checkpoint
-             (model.safetensors or model-*.safetensors shards)
+             transformers' AutoModelForCausalLM loads without custom code, or a JetMoe one for a sparse
+             (smoe) model; as input, any Llama or JetMoe checkpoint (model.safetensors or model-*.safetensors
+             shards)
   gguf       (input only) a Llama-architecture llama.cpp GGUF file, dequantized to fp32 by transformers'
              GGUF loader (needs the `gguf` and `accelerate` packages); its tokenizer is written beside the
              weights as tokenizer.json, whatever the output format

@@ -168,10 +168,16 @@ def _expert_shards(tag_dir: Path) -> list[dict]:
     return [by_rank[r] for r in sorted(by_rank)]
 
 
+def routed_experts(cfg: dict) -> int:
+    """Experts per routed layer of a config dict: a sparse (`smoe`) or MoEE (`moee`) model's; 0 for the rest
+    (a checkpoint written before `smoe` existed has no such section)."""
+    return (cfg.get("smoe") or {}).get("num_experts", 0) or cfg["moee"]["num_experts"]
+
+
 def _read_pipeline(tag_dir: Path, cfg: dict, src: str, step: int) -> Checkpoint:
     """DeepSpeed's per-layer files of a pipelined dense model (`model.pipeline.build_pipeline` order:
     embedding, one layer per block, the final norm + head); a tied embedding is saved once, in layer 0."""
-    if cfg["recurrent"]["num_blocks"] or cfg["moee"]["num_experts"]:
+    if cfg["recurrent"]["num_blocks"] or routed_experts(cfg):
         # DeepSpeed writes no layer file for a tied layer with its own forward_fn (the shared blocks, which
         # then live in the optimizer state only), and a routed model's stages save no layer files at all.
         raise CheckpointError(f"{tag_dir}: converting pipelined recurrent or routed checkpoints is not supported; "

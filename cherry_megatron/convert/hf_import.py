@@ -1,5 +1,6 @@
-"""A Hugging Face Llama directory read as a `Checkpoint` of our dense model (a starting point for
-training, `model.init_from`, or a distillation teacher): k/v and gate/up are fused on the fly."""
+"""A Hugging Face Llama or JetMoe directory read as a `Checkpoint` of our dense or sparse (`smoe`) model (a
+starting point for training, `model.init_from`, or a distillation teacher): Llama's k/v and gate/up are fused,
+JetMoe's stacked MLP experts split into one tensor per expert, on the fly."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from cherry_megatron.convert import hf_jetmoe
 from cherry_megatron.convert.checkpoint import Checkpoint, _st_dtype
 from cherry_megatron.convert.hf_llama import from_hf_config, our_name
 from cherry_megatron.errors import CheckpointError
@@ -21,10 +23,12 @@ def read_hf(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path} is not a Hugging Face model directory (config.json: {e})") from None
     if not isinstance(hf, dict):
         raise CheckpointError(f"{path}/config.json holds a {type(hf).__name__}, not a model config")
+    jetmoe = hf.get("model_type") == "jetmoe"
     try:
-        cfg = from_hf_config(hf, str(path))
-    except KeyError as e:  # a Llama config.json always names these sizes
-        raise CheckpointError(f"{path}/config.json has no {e} (not a Llama config)") from None
+        cfg = (hf_jetmoe.from_hf_config if jetmoe else from_hf_config)(hf, str(path))
+    except KeyError as e:  # a Llama or JetMoe config.json always names these sizes
+        kind = "JetMoe" if jetmoe else "Llama"
+        raise CheckpointError(f"{path}/config.json has no {e} (not a {kind} config)") from None
     files = sorted(path.glob("model*.safetensors"))
     if not files:
         raise CheckpointError(f"{path} holds no model*.safetensors (pytorch_model.bin is pickle: not loaded)")
@@ -34,15 +38,17 @@ def read_hf(path: str | Path) -> Checkpoint:
             h = safe_open(str(f), framework="pt")
             for name in h.keys():
                 sl = h.get_slice(name)
+                # get(row): one expert's row of a stacked tensor, read without the rest of the stack
                 tensors[name] = (_st_dtype(sl.get_dtype(), path), tuple(sl.get_shape()),
-                                 lambda h=h, name=name: h.get_tensor(name))
+                                 lambda row=None, h=h, name=name: h.get_tensor(name) if row is None
+                                 else h.get_slice(name)[row])
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {f} (truncated or not safetensors): {str(e).splitlines()[0]}") from None
     tokenizer = path / "tokenizer.json" if (path / "tokenizer.json").is_file() else path / "tokenizer.model"
     if tokenizer.is_file():
         # The directory is its tokenizer (data/tokenizer.py reads tokenizer.json from it).
         cfg["data"]["tokenizer_model"] = str(path if tokenizer.name == "tokenizer.json" else tokenizer)
-    return from_hf_tensors(cfg, tensors, str(path))
+    return (from_jetmoe_tensors if jetmoe else from_hf_tensors)(cfg, tensors, str(path))
 
 
 def from_hf_tensors(cfg: dict, tensors: dict, source: str) -> Checkpoint:
@@ -70,6 +76,31 @@ def from_hf_tensors(cfg: dict, tensors: dict, source: str) -> Checkpoint:
         shape = list(next(iter(got.values()))[1])
         shape[0] = sum(e[1][0] for e in got.values())
         specs[name] = (next(iter(got.values()))[0], tuple(shape))
+    return Checkpoint(cfg, _model_order(specs), fetch, source)
+
+
+def _model_order(specs: dict) -> dict:
     order = sorted(specs, key=lambda n: (0, 0) if n == "embed.weight" else
                    (1, int(n.split(".")[1])) if n.startswith("layers.") else (2, 0))
-    return Checkpoint(cfg, {n: specs[n] for n in order}, fetch, source)
+    return {n: specs[n] for n in order}
+
+
+def from_jetmoe_tensors(cfg: dict, tensors: dict, source: str) -> Checkpoint:
+    """A `Checkpoint` of our sparse model over JetMoe-named tensors {hf name: (dtype, shape, get)}: a stacked
+    [E, out, in] MLP tensor is E of our tensors, each read as its row when the writer asks for it."""
+    num_experts = cfg["smoe"]["num_experts"]
+    specs, getters = {}, {}
+    for name, (dtype, shape, get) in tensors.items():
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        for ours, row in hf_jetmoe.our_names(name, num_experts):
+            if row is None:
+                specs[ours], getters[ours] = (dtype, shape), get
+                continue
+            if shape[0] != num_experts:
+                raise CheckpointError(f"{source}: {name} stacks {shape[0]} experts, config.json's num_local_experts "
+                                      f"is {num_experts}")
+            specs[ours], getters[ours] = (dtype, shape[1:]), (lambda get=get, row=row: get(row))
+    if cfg["model"]["tie_embeddings"]:
+        specs.pop("head.weight", None)
+    return Checkpoint(cfg, _model_order(specs), lambda n: getters[n](), source)

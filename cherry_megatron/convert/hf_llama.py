@@ -78,7 +78,7 @@ def from_hf_config(hf: dict, source: str) -> dict:
 
     arch = hf.get("model_type")
     if arch != "llama":
-        raise CheckpointError(f"{source} is a '{arch}' model, not Llama: only Llama-architecture checkpoints import")
+        raise CheckpointError(f"{source} is a '{arch}' model, not Llama: only Llama and JetMoe checkpoints import")
     heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
     refused = {"attention_bias": hf.get("attention_bias", False), "mlp_bias": hf.get("mlp_bias", False),
                "rope_scaling": hf.get("rope_scaling"), "hidden_act": hf.get("hidden_act", "silu") != "silu"}

@@ -1,7 +1,7 @@
 """Any checkpoint in, as one full state dict or as a built model: what every tool that loads a model calls.
 
 Formats are told apart by their files: a torch-format dir (`save_consolidated`, `--output-format torch`),
-a Hugging Face Llama dir, or a DeepSpeed checkpoint (run dir, checkpoints/ or tag dir) at any TP/PP/ZeRO
+a Hugging Face Llama or JetMoe dir, or a DeepSpeed checkpoint (run dir, checkpoints/ or tag dir) at any TP/PP/ZeRO
 stage. The readers never unpickle code (convert/safe_load.py).
 """
 from __future__ import annotations

@@ -21,6 +21,7 @@ from cherry_megatron.checkpoint.consolidate import resolve_tag_dir
 from cherry_megatron.checkpoint.run_dir import config_diffs
 from cherry_megatron.config import Config, flatten
 from cherry_megatron.convert import safe_load
+from cherry_megatron.convert.checkpoint import routed_experts
 from cherry_megatron.errors import CheckpointError, ConfigError
 from cherry_megatron.model import layout_table
 
@@ -40,7 +41,7 @@ def universal_info(cfg: dict) -> dict:
 
 
 def check_supported(cfg: dict, tag_dir: Path) -> None:
-    if cfg["recurrent"]["num_blocks"] or cfg["moee"]["num_experts"] or cfg["moee"]["mtp_depth"]:
+    if cfg["recurrent"]["num_blocks"] or routed_experts(cfg) or cfg["moee"]["mtp_depth"]:
         raise CheckpointError(f"{tag_dir}: universal checkpoints are supported for dense models (the per-position "
                               "LoRA stacks and routed experts have no universal TP patterns yet)")
     if cfg["parallel"]["pp"] > 1:

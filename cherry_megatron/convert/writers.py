@@ -16,8 +16,8 @@ import torch
 from tqdm import tqdm
 
 from cherry_megatron.checkpoint.consolidate import CONSOLIDATED_CONFIG, CONSOLIDATED_WEIGHTS
-from cherry_megatron.convert import hf_llama
-from cherry_megatron.convert.checkpoint import Checkpoint
+from cherry_megatron.convert import hf_jetmoe, hf_llama
+from cherry_megatron.convert.checkpoint import Checkpoint, routed_experts
 from cherry_megatron.convert.safetensors_stream import SafetensorsWriter
 from cherry_megatron.errors import CheckpointError
 from cherry_megatron.model.tp_layout import tp_slice
@@ -84,10 +84,35 @@ def copy_tokenizer(cfg: dict, out: Path, final: Path | None) -> bool:
 
 
 def write_hf(ck: Checkpoint, out: Path, dtype: torch.dtype | None, tokenizer: str | None) -> None:
-    """A Llama directory `transformers.AutoModelForCausalLM.from_pretrained` loads without custom code.
+    """A Llama directory (a dense model) or a JetMoe one (a sparse `smoe` model) that
+    `transformers.AutoModelForCausalLM.from_pretrained` loads without custom code.
     `tokenizer`: a Hugging Face tokenizer directory (its files copied) or a sentencepiece .model (written as
     tokenizer.model with a LlamaTokenizer config)."""
-    hf_llama.check_exportable(ck.cfg)
+    arch = hf_jetmoe if ck.cfg.get("smoe", {}).get("num_experts") else hf_llama
+    arch.check_exportable(ck.cfg)
+    (_write_jetmoe_tensors if arch is hf_jetmoe else _write_llama_tensors)(ck, out, dtype)
+    name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+    first = next(iter(ck.specs))
+    special = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}  # our sentencepiece models' ids
+    hf_tokenizer = bool(tokenizer) and copy_tokenizer({"data": {"tokenizer_model": tokenizer}}, out, None)
+    if hf_tokenizer:
+        from cherry_megatron.data.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(str(out))
+        special = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eod,
+                   "pad_token_id": tok.pad_id if tok.pad_id is not None else tok.eod}
+    config = arch.hf_config(ck.cfg, name[_out_dtype(ck, dtype, first)])
+    config.update(special)
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    (out / "generation_config.json").write_text(json.dumps(special))
+    if not hf_tokenizer and tokenizer and Path(tokenizer).is_file():
+        shutil.copyfile(tokenizer, out / "tokenizer.model")
+        (out / "tokenizer_config.json").write_text(json.dumps(hf_llama.TOKENIZER_CONFIG, indent=1))
+        (out / "special_tokens_map.json").write_text(json.dumps(
+            {k: hf_llama.TOKENIZER_CONFIG[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}))
+
+
+def _write_llama_tensors(ck: Checkpoint, out: Path, dtype: torch.dtype | None) -> None:
     specs = []
     for n, (_, shape) in ck.specs.items():
         names = hf_llama.hf_names(n)
@@ -100,25 +125,28 @@ def write_hf(ck: Checkpoint, out: Path, dtype: torch.dtype | None, tokenizer: st
         for h, piece in zip(names, torch.chunk(t, len(names), dim=0)):
             w.write(h, piece)
     w.close()
-    name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-    first = next(iter(ck.specs))
-    special = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}  # our sentencepiece models' ids
-    hf_tokenizer = bool(tokenizer) and copy_tokenizer({"data": {"tokenizer_model": tokenizer}}, out, None)
-    if hf_tokenizer:
-        from cherry_megatron.data.tokenizer import load_tokenizer
 
-        tok = load_tokenizer(str(out))
-        special = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eod,
-                   "pad_token_id": tok.pad_id if tok.pad_id is not None else tok.eod}
-    config = hf_llama.hf_config(ck.cfg, name[_out_dtype(ck, dtype, first)])
-    config.update(special)
-    (out / "config.json").write_text(json.dumps(config, indent=1))
-    (out / "generation_config.json").write_text(json.dumps(special))
-    if not hf_tokenizer and tokenizer and Path(tokenizer).is_file():
-        shutil.copyfile(tokenizer, out / "tokenizer.model")
-        (out / "tokenizer_config.json").write_text(json.dumps(hf_llama.TOKENIZER_CONFIG, indent=1))
-        (out / "special_tokens_map.json").write_text(json.dumps(
-            {k: hf_llama.TOKENIZER_CONFIG[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}))
+
+def _write_jetmoe_tensors(ck: Checkpoint, out: Path, dtype: torch.dtype | None) -> None:
+    """One JetMoe tensor at a time: a stacked MLP tensor holds every expert's, so it is the largest held."""
+    parts: dict[str, dict] = {}  # hf name -> {expert row (None: the whole tensor): our name}
+    for n in ck.specs:
+        h, row = hf_jetmoe.hf_name(n)
+        parts.setdefault(h, {})[row] = n
+    names: dict[str, list[str]] = {}  # hf name -> our names, in stack order for a stacked one
+    specs = []
+    for h, got in parts.items():
+        rows = [None] if None in got else sorted(got)
+        if rows != [None] and rows != list(range(len(rows))):
+            raise CheckpointError(f"{ck.source}: the experts of {h} are not numbered 0..{len(rows) - 1} ({rows})")
+        names[h] = [got[r] for r in rows]
+        shape = ck.specs[names[h][0]][1]
+        specs.append((h, _out_dtype(ck, dtype, names[h][0]), shape if rows == [None] else (len(rows), *shape)))
+    w = SafetensorsWriter(out / "model.safetensors", specs, {"format": "pt"})
+    for h, (_, _, shape) in zip(progress(names, "hf"), specs):
+        ours = [cast(ck.get(n), dtype) for n in names[h]]
+        w.write(h, ours[0] if len(shape) == len(ck.specs[names[h][0]][1]) else torch.stack(ours))
+    w.close()
 
 
 # ---------------------------------------------------------------------------------------------- DeepSpeed
@@ -143,7 +171,7 @@ def write_deepspeed(ck: Checkpoint, out: Path, tp: int, pp: int, dtype: torch.dt
             "mp_world_size": tp * pp, "ds_version": deepspeed.__version__, "optimizer": None,
             "converted_from": ck.source}
     if moe_prefixes:
-        meta["num_experts"] = [cfg["moee"]["num_experts"]] * len(moe_prefixes)
+        meta["num_experts"] = [routed_experts(cfg)] * len(moe_prefixes)
     dense = [n for n in ck.specs if EXPERTS not in n]
     if pp == 1:
         for r in range(tp):
@@ -183,7 +211,7 @@ def pipeline_layer(name: str, num_layers: int) -> tuple[int, str]:
 
 def _write_pipeline(ck, tag_dir: Path, names, tp: int, pp: int, dtype, extra_states, meta) -> None:
     cfg = meta["cherry_config"]
-    if cfg["recurrent"]["num_blocks"] or cfg["moee"]["num_experts"]:
+    if cfg["recurrent"]["num_blocks"] or routed_experts(cfg):
         raise CheckpointError("--target-pp > 1 is supported for dense models only (recurrent and routed models "
                               "keep their shared blocks in the optimizer state of a pipeline checkpoint)")
     L = cfg["model"]["num_layers"]
