@@ -135,6 +135,21 @@ def test_training_objective_has_each_routers_losses_apart(world_of_one):
     assert set(dense(tokens, tokens, loss_mask=torch.ones(2, 16)).aux) == {"load_balance_loss", "router_z_loss"}
 
 
+def test_sgt_supervises_the_selected_positions_with_the_full_forwards_losses(world_of_one):
+    from cherry_megatron.sgt import RandomPolicy, Selection
+
+    torch.manual_seed(0)
+    model = build_model(_cfg())
+    tokens, labels = torch.randint(0, 512, (2, 16)), torch.randint(0, 512, (2, 16))
+    valid = torch.ones(2, 16, dtype=torch.bool)
+    out = model(tokens, labels, select=Selection(RandomPolicy(1), 0.25, "sequence", labels, valid, key=0),
+                loss_mask=valid.float())
+    full = model(tokens, labels, loss_mask=valid.float())
+    assert out.mask.sum() == 8 and (out.per_token[~out.mask] == 0).all()
+    torch.testing.assert_close(out.per_token[out.mask], full.per_token[out.mask])
+    assert set(out.aux) == set(full.aux)  # routing sees every position whatever SGT supervises
+
+
 def test_presets_count_as_the_meta_model(world_of_one):
     for preset in ("smoe-tiny", "jetmoe-8b"):
         cfg = load_config(preset, ["model.vocab_size=8192"] if preset == "smoe-tiny" else [])
