@@ -9,6 +9,7 @@ script (pyproject.toml [project.scripts]; `python tools/<old name>.py` still run
                    cherry-evaluate         cherry_megatron.evaluate: checkpoint + held-out tokens -> loss
     compress.py    cherry-compress         dense checkpoint -> recurrent model           (tools/compress_depth.py)
     prune.py       cherry-prune            checkpoint -> narrower/shallower model        (tools/prune.py)
+    prune_experts.py                       routed checkpoint -> fewer experts for a task (tools/prune_experts.py)
     build_moee.py  cherry-build-moee       compressed checkpoints -> MoEE checkpoint     (tools/build_moee.py)
     generate.py    cherry-generate         checkpoint + prompts -> generated text        (python -m cherry_megatron.generate)
     convert.py     cherry-convert          any checkpoint -> another format / TP x PP    (tools/convert_checkpoint.py)

@@ -188,7 +188,8 @@ def align(anchor: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> tu
 
 
 def assignment():
-    """scipy's linear_sum_assignment (exact, O(f^3) in C); scipy is not among the package's requirements."""
+    """scipy's linear_sum_assignment (exact, O(f^3) in C), imported when a merge needs it: `frequency` runs
+    where scipy (a requirement) is missing."""
     try:
         from scipy.optimize import linear_sum_assignment
     except ImportError:
