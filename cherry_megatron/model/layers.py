@@ -133,11 +133,18 @@ class Attention(nn.Module):
 
     def keys_values(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lora=None):
         """k (RoPE'd) and v [b, kv heads, s, head dim] of the normed stream x; `lora` the kv projection's."""
-        b, s, _ = x.shape
-        k, v = column(self.kv, x, lora).chunk(2, dim=-1)
-        k = k.reshape(b, s, self.n_kv, self.head_dim).transpose(1, 2)
-        v = v.reshape(b, s, self.n_kv, self.head_dim).transpose(1, 2)
-        return apply_rope(k, cos, sin), v
+        return keys_values(self.kv, x, self.n_kv, self.head_dim, cos, sin, lora)
+
+
+def keys_values(kv: ColumnParallelLinear, x: torch.Tensor, n_kv: int, head_dim: int, cos: torch.Tensor,
+                sin: torch.Tensor, lora=None):
+    """RoPE'd keys and values [b, n_kv, s, head_dim] of a fused k|v projection `kv` (this rank's heads): the
+    dense attention's, and the shared ones of a Mixture of Attention heads (smoe.py)."""
+    b, s, _ = x.shape
+    k, v = column(kv, x, lora).chunk(2, dim=-1)
+    k = k.reshape(b, s, n_kv, head_dim).transpose(1, 2)
+    v = v.reshape(b, s, n_kv, head_dim).transpose(1, 2)
+    return apply_rope(k, cos, sin), v
 
 
 class SwiGLU(nn.Module):

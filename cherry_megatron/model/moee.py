@@ -30,7 +30,7 @@ from torch import nn
 from cherry_megatron import compat
 from cherry_megatron.config import ModelConfig, MoEEConfig, RecurrentConfig
 from cherry_megatron.distributed import MegatronMPU
-from cherry_megatron.losses import aux_weights
+from cherry_megatron.losses import aux_weights, z_loss
 from cherry_megatron.model.tp_layout import lora_layouts, mark, tp_slice
 from cherry_megatron.model.layers import SwiGLU, normal_init, parallel_config
 from cherry_megatron.model.recurrent import RecurrentGPT, count_recurrent_parameters
@@ -158,9 +158,12 @@ class RoutedMLP(MoE):
         """(output, load-balancing loss, z-loss) for the normed stream x at the block's `position`."""
         with self.at_position(position):
             out, l_aux, _ = self(x)
-        # DeepSpeed keeps the router logits to itself; recomputing them costs tokens x hidden x E.
-        logits = F.linear(x.reshape(-1, x.shape[-1]).float(), self.deepspeed_moe.gate.wg.weight.float())
-        return out, l_aux, torch.logsumexp(logits, dim=-1).square().mean()
+        return out, l_aux, z_loss(self.router_logits(x))
+
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 router logits [tokens, E] of x: DeepSpeed keeps its own to itself, so they are recomputed (tokens x
+        hidden x E)."""
+        return F.linear(x.reshape(-1, x.shape[-1]).float(), self.deepspeed_moe.gate.wg.weight.float())
 
 
 class MoEEGPT(RecurrentGPT):

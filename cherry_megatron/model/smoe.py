@@ -31,7 +31,7 @@ from torch import nn
 from cherry_megatron.config import ModelConfig, RecurrentConfig, SMoEConfig
 from cherry_megatron.losses import switch_loss, z_loss
 from cherry_megatron.model.gpt import count_parameters
-from cherry_megatron.model.layers import apply_rope, normal_init
+from cherry_megatron.model.layers import apply_rope, keys_values, normal_init
 from cherry_megatron.model.moee import MoEEGPT, RoutedMLP
 from cherry_megatron.model.tp_layout import mark, tp_slice
 
@@ -100,7 +100,7 @@ class MixtureOfAttention(nn.Module):
         # Heads ordered (kv head, slot): query head j reads kv head j // k, SDPA's grouped-query layout.
         q = q.view(b, s, k, self.n_kv, self.head_dim).permute(0, 3, 2, 1, 4).reshape(b, self.n_kv * k, s, -1)
         q = apply_rope(q, cos, sin)
-        kk, v = column_kv(self.kv, x, self.n_kv, self.head_dim, cos, sin)
+        kk, v = keys_values(self.kv, x, self.n_kv, self.head_dim, cos, sin)
         causal, mask = True, None
         if cache is not None:
             kk, v, mask, causal = cache.attend(kk, v)
@@ -111,15 +111,6 @@ class MixtureOfAttention(nn.Module):
         out = reduce_from_tensor_model_parallel_region(groups.apply(y, self.o_experts, per_slot=True))
         out = (out.view(b * s, k, d) * gates.unsqueeze(-1).to(out.dtype)).sum(1) + self.bias
         return out.view(b, s, d), switch_loss(logits, k), z_loss(logits)
-
-
-def column_kv(kv: ColumnParallelLinear, x: torch.Tensor, n_kv: int, head_dim: int, cos, sin):
-    """RoPE'd keys and values [b, n_kv, s, d_h] of the shared projection (layers.Attention.keys_values)."""
-    b, s, _ = x.shape
-    k, v = kv(x)[0].chunk(2, dim=-1)
-    k = k.reshape(b, s, n_kv, head_dim).transpose(1, 2)
-    v = v.reshape(b, s, n_kv, head_dim).transpose(1, 2)
-    return apply_rope(k, cos, sin), v
 
 
 class SparseMLP(RoutedMLP):
@@ -136,8 +127,7 @@ class SparseMLP(RoutedMLP):
     def route(self, x: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with self.at_position(position):
             out, _, _ = self(x)
-        # DeepSpeed keeps the router logits to itself; recomputing them costs tokens x hidden x E.
-        logits = F.linear(x.reshape(-1, x.shape[-1]).float(), self.deepspeed_moe.gate.wg.weight.float())
+        logits = self.router_logits(x)
         return out + self.bias, switch_loss(logits, self.top_k), z_loss(logits)
 
 

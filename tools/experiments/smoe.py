@@ -56,7 +56,8 @@ def korean_heldout(runs: Path) -> str:
 
 
 def router_loads(run_dir: Path, data: str, seq_length: int, max_tokens: int = 8192) -> dict:
-    """{router: [share of the top-k assignments per expert]} over held-out tokens, every MoA and MLP router."""
+    """{router: [share of the top-k assignments per expert]} over held-out tokens, every MoA and MLP router
+    (prune/experts.py's calibration pass, which prune_experts clusters on)."""
     import numpy as np
     import torch
 
@@ -64,35 +65,18 @@ def router_loads(run_dir: Path, data: str, seq_length: int, max_tokens: int = 81
     from cherry_megatron.config import ParallelConfig
     from cherry_megatron.convert.load import load_model
     from cherry_megatron.data.indexed import token_stream
-    from cherry_megatron.model.smoe import MixtureOfAttention, SparseMLP
+    from cherry_megatron.prune.experts import calibrate
 
     distributed.init(ParallelConfig())
     try:
         model, cfg = load_model(run_dir)
-        counts: dict[str, torch.Tensor] = {}
-
-        def count(name: str, weight: torch.Tensor, k: int):
-            def hook(module, args):
-                x = args[0].reshape(-1, weight.shape[1]).float()
-                top = (x @ weight.float().T).topk(k, dim=-1).indices.reshape(-1)
-                counts[name] = counts.get(name, 0) + torch.bincount(top, minlength=weight.shape[0])
-            return hook
-
-        for name, module in model.named_modules():
-            if isinstance(module, SparseMLP):
-                gate = module.deepspeed_moe.gate
-                gate.register_forward_pre_hook(count(f"{name}", gate.wg.weight, cfg.smoe.top_k))
-            elif isinstance(module, MixtureOfAttention):
-                module.kv.register_forward_pre_hook(count(name, module.router.weight, cfg.smoe.top_k))
         stream = token_stream(data)[: max_tokens + 1].astype(np.int64)
         n = (len(stream) - 1) // seq_length
         tokens = torch.from_numpy(stream[: n * seq_length]).view(n, seq_length)
-        with torch.no_grad():
-            for i in range(0, n, 8):
-                model(tokens[i:i + 8])
+        usage = calibrate(model, list(tokens.split(8)), cfg.smoe.top_k)
     finally:
         distributed.shutdown()
-    return {name: (c / c.sum()).tolist() for name, c in counts.items()}
+    return {name: (u.counts / u.counts.sum()).tolist() for name, u in sorted(usage.items())}
 
 
 def entropy(shares: list[float]) -> float:
