@@ -114,6 +114,9 @@ class TrainConfig:
     # A DeepSpeed universal checkpoint (tools/convert_checkpoint.py --output-format universal) to resume from,
     # optimizer state included, at this config's TP/DP layout, while the run dir holds no checkpoint of its own.
     universal_from: str = ""
+    # Train only the parameters whose names match this regular expression (re.search; the rest frozen), e.g.
+    # `router|gate\.wg` for the routers alone after expert pruning, UNCURL's last step; "": every parameter.
+    trainable: str = ""
 
 
 @dataclass

@@ -3,6 +3,7 @@ runs on every config, and the trainer again at its world size. Kept apart from t
 each module reads top to bottom; it reads the tree's attributes only, so it imports nothing of config.py."""
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 from cherry_megatron.errors import ConfigError
@@ -23,6 +24,14 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
                           f"(num_heads={m.num_heads}, num_kv_heads={m.kv_heads})")
     if m.ffn_size % p.tp:
         raise ConfigError(f"parallel.tp={p.tp} does not divide model.ffn_hidden_size={m.ffn_size}")
+    if t.trainable:
+        try:
+            re.compile(t.trainable)
+        except re.error as e:
+            raise ConfigError(f"train.trainable '{t.trainable}' is not a regular expression: {e}") from None
+        if p.pp > 1:
+            raise ConfigError("train.trainable with parallel.pp > 1 is not supported: a stage could hold nothing "
+                              "to train")
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
     if p.pp < 1:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 
 import deepspeed
@@ -108,6 +109,30 @@ def lr_lambda(t):
         progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
         return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return fn
+
+
+def freeze_except(model: torch.nn.Module, pattern: str, zero_stage: int) -> tuple[int, int]:
+    """Freeze every parameter whose name does not match `pattern` (re.search): (trainable, total) elements.
+    A frozen parameter is left out of the optimizer (param_groups), so DeepSpeed neither reduces nor updates it."""
+    wanted = re.compile(pattern)
+    trainable = total = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_(bool(wanted.search(name)))
+        n = getattr(p, "ds_numel", p.numel())  # ZeRO-3's partitioned weight: its whole size
+        total += n
+        trainable += n if p.requires_grad else 0
+    if not trainable:
+        raise ConfigError(f"train.trainable '{pattern}' matches no parameter of the model (names such as "
+                          f"{next(n for n, _ in model.named_parameters())})")
+    experts = [p for p in model.parameters() if is_moe_param(p)]
+    if experts and zero_stage > 0 and not any(p.requires_grad for p in experts):
+        # DeepSpeed 0.19.8's ZeRO-1/2 optimizer (and its BF16_Optimizer) asserts that a model with MoE layers has
+        # a param group of experts; an empty one breaks its flattening, and marking the routers' group as experts
+        # would reduce their gradients over the expert-data-parallel ranks only.
+        raise ConfigError(f"train.trainable '{pattern}' freezes every expert, which DeepSpeed's ZeRO-1/2 optimizer "
+                          "refuses for a model with MoE layers: train with parallel.zero_stage=0 (fp32), whose "
+                          "optimizer state for the routers alone is small")
+    return trainable, total
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

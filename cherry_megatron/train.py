@@ -28,7 +28,8 @@ from cherry_megatron.convert.load import load_consolidated
 from cherry_megatron.data.gpt_data import TrainData
 from cherry_megatron.data.indexed import token_stream
 from cherry_megatron.distill import Teacher
-from cherry_megatron.engine import build_engine, compute_dtype, partitioned_build, resolve_precision
+from cherry_megatron.engine import (build_engine, compute_dtype, freeze_except, partitioned_build,
+                                    resolve_precision)
 from cherry_megatron.errors import CheckpointError, TrainingError, cli_errors
 from cherry_megatron.evaluate import window_loss, windows
 from cherry_megatron.metrics import MetricsLogger, base_memory_gib, memory_gib, peak_tflops, returning_freed_memory
@@ -57,6 +58,7 @@ class Trainer:
             # MTP modules added to a model trained without them start from their initialisation.
             fresh = ("mtp.",) if cfg.moee.mtp_depth and not any(k.startswith("mtp.") for k in state) else ()
             load_into(model, state, f"model.init_from={cfg.model.init_from}", fresh, self.dp_group)
+        trainable = freeze_except(model, cfg.train.trainable, cfg.parallel.zero_stage) if cfg.train.trainable else None
         if cfg.train.compile:
             compile_blocks(model)
         if self.pipeline:
@@ -97,6 +99,9 @@ class Trainer:
                   f"{layout.device.type} | grad accum {self.data.grad_accum} | base memory "
                   f"{memory['base_memory_gib']:.2f} GiB, peak after set-up {memory['peak_memory_gib']:.2f} GiB "
                   f"| run dir {run_dir}", flush=True)
+            if trainable:
+                print(f"train.trainable '{cfg.train.trainable}': {trainable[0]:,} of this rank's {trainable[1]:,} "
+                      "parameters train, the rest are frozen", flush=True)
 
     def step(self, step: int) -> tuple[float, float, float]:
         """One optimizer step over all micro-batches: (mean loss over DP, grad norm, lr used)."""

@@ -249,3 +249,30 @@ def test_pruned_smoe_checkpoint_trains_at_ep1_and_ep2(corpus, tmp_path):
     train(tmp_path / "ep2", RETRAIN + ["smoe.ep_size=2"], nproc=2, config=config, short=False)
     ep1, ep2 = _eval_losses(tmp_path / "ep1"), _eval_losses(tmp_path / "ep2")
     assert ep1[0] == pytest.approx(ep2[0], rel=1e-5)  # both start from the same pruned weights
+    for step in ep1:  # one global batch, split over two ranks at EP=2: the same curve
+        assert ep1[step] == pytest.approx(ep2[step], rel=1e-4), step
+    # UNCURL's last step, the routers alone (ZeRO-0: DeepSpeed's ZeRO-1/2 optimizer wants a trainable expert)
+    train(tmp_path / "routers", RETRAIN + [r"train.trainable=router|gate\.wg", "parallel.zero_stage=0"],
+          config=config, short=False)
+    start, _ = load_consolidated(str(tmp_path / "uncurl"))
+    after, _ = load_consolidated(str(tmp_path / "routers"))
+    routers = {n for n in start if n.endswith(("attn.router.weight", "gate.wg.weight"))}
+    assert len(routers) == 4 and start.keys() == after.keys()
+    assert all(not torch.equal(start[n], after[n]) for n in routers)
+    assert all(torch.equal(start[n], after[n]) for n in start.keys() - routers)
+
+
+def test_trainable_freezes_the_rest_and_refuses_frozen_experts_under_zero_1(world_of_one):
+    from cherry_megatron.config import ConfigError
+    from cherry_megatron.engine import freeze_except, param_groups
+
+    model = build_model(load_config("smoe-tiny", [*SMALL, "smoe.num_experts=4"]))
+    trainable, total = freeze_except(model, r"router|gate\.wg", zero_stage=0)
+    assert trainable == 2 * 2 * 4 * 32 and total == sum(p.numel() for p in model.parameters())
+    groups = param_groups(model, 0.1)
+    assert sum(p.numel() for g in groups for p in g["params"]) == trainable
+    with pytest.raises(ConfigError, match="freezes every expert"):
+        freeze_except(model, r"router|gate\.wg", zero_stage=1)
+    freeze_except(model, r"router|gate\.wg|experts", zero_stage=1)  # a trainable expert: DeepSpeed takes it
+    with pytest.raises(ConfigError, match="matches no parameter"):
+        freeze_except(model, "nothing-is-called-this", zero_stage=0)

@@ -9,8 +9,9 @@ CKPT is a run dir, checkpoint or converted dir of an smoe or MoEE model; PREFIX 
 (cherry_megatron/prune/experts.py); an smoe model's Mixture of Attention experts are merged the same way, since
 smoe.num_experts counts both. DIR receives model.safetensors, cherry_config.json and config.yaml with num_experts
 D, top_k min(top_k, D) and ep_size 1 (train it at any EP dividing D: `--set smoe.ep_size=2`). The paper then
-trains the router alone on the task: that step is not built here (fine-tune DIR as a whole with
-cherry_megatron.train). Prints each mixture's clusters (anchor first) and usage, then a JSON summary line.
+trains the router alone on the task: `python -m cherry_megatron.train --config DIR/config.yaml --set
+'train.trainable=router|gate\\.wg' parallel.zero_stage=0` (or fine-tune DIR as a whole). Prints each mixture's
+clusters (anchor first) and usage, then a JSON summary line.
 """
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ from cherry_megatron.errors import cli_errors
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="Router-only training (the paper's last step) is not built: fine-tune DIR "
-                                       "with cherry_megatron.train.")
+                                epilog="Router-only training (the paper's last step): cherry_megatron.train --config "
+                                       "DIR/config.yaml --set 'train.trainable=router|gate\\.wg' "
+                                       "parallel.zero_stage=0")
     p.add_argument("--load", required=True, help="routed (smoe or moee) checkpoint")
     p.add_argument("--calib", required=True, help="the task's calibration tokens: prefix of a .bin/.idx pair")
     p.add_argument("--keep-experts", type=int, required=True, help="D: experts per layer after pruning, 1..E-1")
