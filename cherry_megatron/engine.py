@@ -130,8 +130,9 @@ def freeze_except(model: torch.nn.Module, pattern: str, zero_stage: int) -> tupl
         # a param group of experts; an empty one breaks its flattening, and marking the routers' group as experts
         # would reduce their gradients over the expert-data-parallel ranks only.
         raise ConfigError(f"train.trainable '{pattern}' freezes every expert, which DeepSpeed's ZeRO-1/2 optimizer "
-                          "refuses for a model with MoE layers: train with parallel.zero_stage=0 (fp32), whose "
-                          "optimizer state for the routers alone is small")
+                          "refuses for a model with MoE layers: train with parallel.zero_stage=0 "
+                          "train.precision=fp32 (ZeRO-0 takes no bf16), whose optimizer state for the routers "
+                          "alone is small")
     return trainable, total
 
 

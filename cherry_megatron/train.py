@@ -33,7 +33,7 @@ from cherry_megatron.engine import (build_engine, compute_dtype, freeze_except, 
 from cherry_megatron.errors import CheckpointError, TrainingError, cli_errors
 from cherry_megatron.evaluate import window_loss, windows
 from cherry_megatron.metrics import MetricsLogger, base_memory_gib, memory_gib, peak_tflops, returning_freed_memory
-from cherry_megatron.model import build_model, compile_blocks, parameter_count
+from cherry_megatron.model import build_model, compile_blocks, parameter_count, training_flops_per_token
 from cherry_megatron.model.gpt import flops_per_token
 from cherry_megatron.model.pipeline import build_pipeline, eval_sums, local_blocks_only, pipe_batch, train_loss
 from cherry_megatron.preflight import preflight
@@ -76,9 +76,7 @@ class Trainer:
         self.metrics = MetricsLogger(run_dir, self.is_logger)
         precision = resolve_precision(cfg.train.precision, layout.device)
         self.peak = peak_tflops(layout.device, precision, cfg.train.peak_tflops) * 1e12 * layout.world
-        e = cfg.moee
-        self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_length,
-                                               e.top_k if e.num_experts else 1, e.mtp_depth)
+        self.flops_per_token = training_flops_per_token(cfg)
         self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
         self.sgt = sgt.SGT(cfg, layout, layout.device) if cfg.sgt.ratio < 1 else None
         self.teacher = Teacher(cfg, layout.device, compute_dtype(cfg.train.precision, layout.device)) \

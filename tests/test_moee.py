@@ -58,6 +58,9 @@ def test_two_experts_take_each_models_mlps_and_average_the_rest(world_of_one):
     assert counts["active"] == counts["total"]  # top-2 of 2
     with pytest.raises(ConfigError, match="differs from expert 0"):
         fuse([a, b], [cfg, load_config("recurrent-tiny", ["model.vocab_size=1024", "model.num_layers=4"])])
+    for routed in (load_config("tiny", ["moee.num_experts=2"]), load_config("smoe-tiny")):  # MoEE, sparse
+        with pytest.raises(ConfigError, match="expert 1 is a routed model already"):
+            fuse([a, b], [cfg, routed])
 
 
 @pytest.mark.parametrize("k", [1, 2])

@@ -122,6 +122,9 @@ def test_calibration_windows_and_their_errors():
     assert a.shape == (3, 10) and b.shape == (2, 10) and a[1, 0] == 10
     with pytest.raises(ConfigError, match="fewer than"):
         calibration_batches(stream, 10, 11, 4)
+    assert len(calibration_batches(stream, 10, 5, 3, vocab_size=50)) == 2  # ids 0..49 only
+    with pytest.raises(ConfigError, match="token id 59, outside the model's vocabulary of 50"):
+        calibration_batches(stream, 10, 6, 3, vocab_size=50)
 
 
 def _logits(model, tokens):

@@ -122,6 +122,22 @@ def test_a_singleton_cluster_and_the_frequency_baseline_pass_experts_through(wor
         assert all(torch.equal(v, _expert(state, 0, old)[k]) for k, v in _expert(small_state, 0, new).items())
 
 
+def test_moa_experts_merge_into_usage_weighted_rows():
+    from cherry_megatron.prune.experts import merge_moa
+
+    g = torch.Generator().manual_seed(9)
+    state = {"layers.0.attn.q_experts": torch.randn(3, 8, 6, generator=g),
+             "layers.0.attn.o_experts": torch.randn(3, 6, 8, generator=g)}
+    out = merge_moa(state, "layers.0.attn", [[0, 1], [2]], torch.tensor([3, 1, 0]))
+    for name, t in state.items():
+        assert out[name].shape == (2, *t.shape[1:])
+        torch.testing.assert_close(out[name][0], (3 * t[0] + t[1]) / 4, rtol=1e-6, atol=1e-7)
+        assert torch.equal(out[name][1], t[2])  # a singleton, unused, passes through
+    unused = merge_moa(state, "layers.0.attn", [[1, 2], [0]], torch.tensor([3, 0, 0]))
+    torch.testing.assert_close(unused["layers.0.attn.q_experts"][0], (state["layers.0.attn.q_experts"][1] +
+                               state["layers.0.attn.q_experts"][2]) / 2)  # none used: the plain mean
+
+
 def test_frequency_merge_sends_each_expert_to_its_most_similar_centre():
     g = torch.Generator().manual_seed(5)
     logits = torch.randn(400, 5, generator=g)
@@ -252,7 +268,8 @@ def test_pruned_smoe_checkpoint_trains_at_ep1_and_ep2(corpus, tmp_path):
     for step in ep1:  # one global batch, split over two ranks at EP=2: the same curve
         assert ep1[step] == pytest.approx(ep2[step], rel=1e-4), step
     # UNCURL's last step, the routers alone (ZeRO-0: DeepSpeed's ZeRO-1/2 optimizer wants a trainable expert)
-    train(tmp_path / "routers", RETRAIN + [r"train.trainable=router|gate\.wg", "parallel.zero_stage=0"],
+    train(tmp_path / "routers", RETRAIN + [r"train.trainable=router|gate\.wg", "parallel.zero_stage=0",
+                                           "train.precision=fp32"],
           config=config, short=False)
     start, _ = load_consolidated(str(tmp_path / "uncurl"))
     after, _ = load_consolidated(str(tmp_path / "routers"))

@@ -161,6 +161,22 @@ def test_presets_count_as_the_meta_model(world_of_one):
     assert 2.2e9 <= counts["active_non_embedding"] <= counts["active"] <= 2.35e9
 
 
+def test_training_flops_count_k_experts_and_their_query_heads():
+    """6N + 12 L H S by hand: N the layers' active weights (k of 4 experts in each mixture, routers, the shared
+    k/v and biases, norms) and the output layer, H the query width of the k MoA experts."""
+    from cherry_megatron.model import training_flops_per_token
+
+    for k, moa in [(1, True), (2, True), (3, False)]:
+        cfg = _cfg("smoe.num_experts=4", f"smoe.top_k={k}", f"smoe.attention_experts={str(moa).lower()}",
+                   "train.seq_length=64")
+        h, f, hd, layers, s = 32, 24, 16, 2, 64
+        attn = k * 2 * h * 2 * hd + 4 * h + 2 * h * 2 * hd + h if moa else 2 * h * 2 * hd + 2 * h * 2 * hd
+        mlp = k * 3 * h * f + 4 * h + h
+        n = layers * (attn + mlp + 2 * h) + 512 * h
+        width = k * 2 * hd if moa else 2 * hd
+        assert training_flops_per_token(cfg) == 6 * n + 12 * layers * width * s, (k, moa)
+
+
 def test_bad_smoe_configs():
     for sets, message in [(["smoe.num_experts=3", "smoe.ep_size=2"], "does not divide smoe.num_experts"),
                           (["smoe.top_k=9"], "must lie in 1..smoe.num_experts"),

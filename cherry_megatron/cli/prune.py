@@ -78,7 +78,7 @@ def scores(args, cfg, state):
     try:
         model = build_loaded(cfg, state, args.load)
         batches = imp.calibration_batches(token_stream(args.calib), args.seq_length or cfg.train.seq_length,
-                                          args.calib_samples, args.batch_size)
+                                          args.calib_samples, args.batch_size, cfg.model.vocab_size)
         s = imp.activation_scores(model, batches)
         if args.target_layers and args.depth_importance == "loss":
             s.depth = imp.loss_depth_scores(model, batches)

@@ -10,7 +10,7 @@ CKPT is a run dir, checkpoint or converted dir of an smoe or MoEE model; PREFIX 
 smoe.num_experts counts both. DIR receives model.safetensors, cherry_config.json and config.yaml with num_experts
 D, top_k min(top_k, D) and ep_size 1 (train it at any EP dividing D: `--set smoe.ep_size=2`). The paper then
 trains the router alone on the task: `python -m cherry_megatron.train --config DIR/config.yaml --set
-'train.trainable=router|gate\\.wg' parallel.zero_stage=0` (or fine-tune DIR as a whole). Prints each mixture's
+'train.trainable=router|gate\\.wg' parallel.zero_stage=0 train.precision=fp32` (or fine-tune DIR as a whole). Prints each mixture's
 clusters (anchor first) and usage, then a JSON summary line.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Router-only training (the paper's last step): cherry_megatron.train --config "
                                        "DIR/config.yaml --set 'train.trainable=router|gate\\.wg' "
-                                       "parallel.zero_stage=0")
+                                       "parallel.zero_stage=0 train.precision=fp32")
     p.add_argument("--load", required=True, help="routed (smoe or moee) checkpoint")
     p.add_argument("--calib", required=True, help="the task's calibration tokens: prefix of a .bin/.idx pair")
     p.add_argument("--keep-experts", type=int, required=True, help="D: experts per layer after pruning, 1..E-1")
@@ -86,7 +86,8 @@ def calibrate(args, cfg, state, stream):
 
     cfg = copy.deepcopy(cfg)
     cfg.moee.ep_size = cfg.smoe.ep_size = 1
-    batches = calibration_batches(stream, args.seq_length, args.calib_tokens // args.seq_length, args.batch_size)
+    batches = calibration_batches(stream, args.seq_length, args.calib_tokens // args.seq_length, args.batch_size,
+                                  cfg.model.vocab_size)
     distributed.set_threads(0)
     distributed.init(ParallelConfig())
     try:

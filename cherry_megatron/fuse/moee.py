@@ -48,7 +48,7 @@ def fuse(states: list[dict[str, torch.Tensor]], cfgs: list[Config], top_k: int =
         raise ConfigError("give at least one expert checkpoint")
     first = shape_of(cfgs[0])
     for i, c in enumerate(cfgs):
-        if c.moee.num_experts:
+        if c.moee.num_experts or c.smoe.num_experts:
             raise ConfigError(f"expert {i} is a routed model already; fuse dense or recurrent models")
         shape = shape_of(c)
         if shape != first:

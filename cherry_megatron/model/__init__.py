@@ -11,10 +11,10 @@ from megatron.core import parallel_state
 
 from cherry_megatron import distributed
 from cherry_megatron.config import ParallelConfig, from_dict
-from cherry_megatron.model.gpt import GPT, count_parameters
+from cherry_megatron.model.gpt import GPT, count_parameters, flops_per_token
 from cherry_megatron.model.moee import MoEEGPT, count_moee_parameters
 from cherry_megatron.model.recurrent import RecurrentGPT, count_recurrent_parameters
-from cherry_megatron.model.smoe import SMoEGPT, count_smoe_parameters
+from cherry_megatron.model.smoe import SMoEGPT, count_smoe_parameters, smoe_flops_per_token
 from cherry_megatron.model.tp_layout import Table, key, of
 
 
@@ -42,6 +42,16 @@ def compile_blocks(model: torch.nn.Module) -> int:
     for block in blocks:
         block.compile()
     return len(blocks)
+
+
+def training_flops_per_token(cfg) -> float:
+    """What a training token costs the model (for MFU): model/gpt.py's 6N + 12 L H S, N the weights it passes
+    through (k of a routed model's experts)."""
+    s = cfg.train.seq_length
+    if cfg.smoe.num_experts:
+        return smoe_flops_per_token(cfg.model, cfg.smoe, s)
+    e = cfg.moee
+    return flops_per_token(cfg.model, s, e.top_k if e.num_experts else 1, e.mtp_depth)
 
 
 def parameter_count(cfg) -> dict:

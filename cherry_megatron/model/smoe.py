@@ -109,7 +109,8 @@ class MixtureOfAttention(nn.Module):
         # Each slot's output is summed over TP before its gate multiplies it: the gate's gradient needs the
         # whole output (a rank's partial sum would give each rank a different router gradient).
         out = reduce_from_tensor_model_parallel_region(groups.apply(y, self.o_experts, per_slot=True))
-        out = (out.view(b * s, k, d) * gates.unsqueeze(-1).to(out.dtype)).sum(1) + self.bias
+        # fp32 gates and sum over the k slots, as DeepSpeed's sparse decode combines the MLP experts under bf16
+        out = (out.view(b * s, k, d).float() * gates.unsqueeze(-1)).sum(1).to(out.dtype) + self.bias
         return out.view(b, s, d), switch_loss(logits, k), z_loss(logits)
 
 
@@ -180,3 +181,14 @@ def count_smoe_parameters(cfg: ModelConfig, scfg: SMoEConfig) -> dict:
     return {"per_layer": per_layer, "attention": attn, "mlp": mlp, "layers": cfg.num_layers * per_layer,
             "embedding": dense["embedding"], "head": dense["head"], "total": total, "active": active,
             "active_non_embedding": active - dense["embedding"]}
+
+
+def smoe_flops_per_token(cfg: ModelConfig, scfg: SMoEConfig, seq_length: int) -> float:
+    """Training FLOPs per token as model/gpt.py's flops_per_token counts them (6N + 12 L H S): N the active
+    weights of the layers (k experts of each mixture, routers and shared parts) plus the output layer, H the
+    query width a token attends with (k MoA experts' heads, or the dense attention's)."""
+    n = count_smoe_parameters(cfg, scfg)
+    h = cfg.hidden_size
+    layers_active = n["active"] - n["embedding"] - n["head"] - h  # less the final norm, as count_smoe adds it
+    width = scfg.top_k * cfg.kv_heads * cfg.head_dim if scfg.attention_experts else cfg.num_heads * cfg.head_dim
+    return 6.0 * (layers_active + cfg.vocab_size * h) + 12.0 * cfg.num_layers * width * seq_length

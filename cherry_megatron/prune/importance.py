@@ -35,14 +35,19 @@ class Scores:
     depth: torch.Tensor | None = None
 
 
-def calibration_batches(stream: np.ndarray, seq_length: int, samples: int, batch_size: int) -> list[torch.Tensor]:
-    """The first `samples` windows of `seq_length` tokens of `stream`, `batch_size` per batch."""
+def calibration_batches(stream: np.ndarray, seq_length: int, samples: int, batch_size: int,
+                        vocab_size: int = 0) -> list[torch.Tensor]:
+    """The first `samples` windows of `seq_length` tokens of `stream`, `batch_size` per batch; with `vocab_size`,
+    a token the model has no embedding for is one error (the embedding's IndexError is a traceback)."""
     if samples < 1:
         raise ConfigError(f"--calib-samples must be at least 1, got {samples}")
     if len(stream) < samples * seq_length:
         raise ConfigError(f"the calibration data holds {len(stream):,} tokens, fewer than --calib-samples {samples} x "
                           f"seq_length {seq_length}")
     windows = torch.from_numpy(np.asarray(stream[:samples * seq_length], dtype=np.int64)).view(samples, seq_length)
+    if vocab_size and int(windows.max()) >= vocab_size:
+        raise ConfigError(f"the calibration data holds token id {int(windows.max())}, outside the model's vocabulary "
+                          f"of {vocab_size}: tokenize it with the model's tokenizer")
     return list(windows.split(batch_size))
 
 
