@@ -110,7 +110,9 @@ def spectral_clusters(s: torch.Tensor, d: int, seed: int) -> list[list[int]]:
 
 def kmeans(x: np.ndarray, k: int, seed: int, restarts: int = 10, iters: int = 100) -> np.ndarray:
     """Labels [n] of Lloyd's k-means with k-means++ starts from one seeded generator, the lowest-inertia restart
-    (the first among equals). No cluster is left empty (see _fill_empty)."""
+    (the first among equals). No cluster is left empty (see _fill_empty).
+    By hand because D clusters must come out as exactly D experts: scipy's kmeans2 leaves a cluster empty (with
+    a warning) or raises, and has no restarts; scipy's kmeans drops empty clusters; sklearn is not a requirement."""
     rng = np.random.default_rng(seed)
     best, best_inertia = None, np.inf
     for _ in range(restarts):
